@@ -31,18 +31,15 @@ TIMESTEP_SCALE = 1000.0  # the DiT is trained on time = 1000·t; the sampler its
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t) -> v = dx/dt, same shape as x
 
 
-# ---------------------------------------------------------------------------------------------------
-# Timesteps and frame counts
-# ---------------------------------------------------------------------------------------------------
+# --- Timesteps and frame counts -------------------------------------------------------------------
 
 
 def timestep_grid(num_steps: int, shift: float) -> torch.Tensor:
     """Official shifted grid ``t = s·u / (1 + (s-1)·u)`` over ``u = linspace(1, 0, num_steps + 1)``.
 
-    Returns float32 of length ``num_steps + 1``, from exactly 1.0 down to exactly 0.0. The grid is
-    computed in float64 and rounded once, so every entry is the correctly rounded value on any device
-    (at most one float32 ulp from the official fp32 computation); float32 is what the time embedding
-    consumes. A larger ``shift`` spends more steps near the noisy end.
+    Returns float32 (what the time embedding consumes), ``num_steps + 1`` entries from exactly 1.0 to
+    exactly 0.0. Computed in float64 and rounded once, so each entry is correctly rounded on any device
+    (the official fp32 grid differs by at most 1.2e-7). A larger ``shift`` spends more steps near noise.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}; use e.g. 50 (sft) or 16 (distilled)")
@@ -71,16 +68,11 @@ def valid_num_frames(num_frames: int, temporal_factor: int = 4) -> int:
 
 
 def latent_frames(num_frames: int, temporal_factor: int = 4) -> int:
-    """Latent frames for a request of ``num_frames`` video frames (121 → 31, 120 → 31, 1 → 1).
-
-    Uses ``valid_num_frames``: the extra generated frames are trimmed by the caller after decoding.
-    """
+    """Latent frames for ``num_frames`` video frames (121 → 31, 120 → 31, 1 → 1); see ``valid_num_frames``."""
     return (valid_num_frames(num_frames, temporal_factor) - 1) // temporal_factor + 1
 
 
-# ---------------------------------------------------------------------------------------------------
-# Noise and seeds
-# ---------------------------------------------------------------------------------------------------
+# --- Noise and seeds ------------------------------------------------------------------------------
 
 
 def random_seed() -> int:
@@ -102,16 +94,12 @@ def initial_noise(
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**64 - 1:
         raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}; try random_seed()")
-    if any(int(s) < 0 for s in shape):
-        raise ValueError(f"shape must have non-negative sizes, got {tuple(shape)}")
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
     return noise.to(device=device, dtype=dtype)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Guidance and the Euler loop
-# ---------------------------------------------------------------------------------------------------
+# --- Guidance and the Euler loop ------------------------------------------------------------------
 
 
 def guided_velocity(cond: Velocity, uncond: Velocity | None, guidance_scale: float) -> Velocity:
@@ -158,8 +146,7 @@ def denoise(
             tensor, updated in place by the next step: clone it to keep it.
         progress: show a tqdm bar with one tick per step.
 
-    Returns:
-        The final latent, same shape and dtype as ``x``.
+    Returns the final latent, same shape and dtype as ``x``.
     """
     if timesteps.ndim != 1 or timesteps.numel() < 2:
         raise ValueError(
@@ -167,11 +154,11 @@ def denoise(
             "use timestep_grid(num_steps, shift)"
         )
     if not bool((timesteps[1:] < timesteps[:-1]).all()):
-        raise ValueError("timesteps must be strictly decreasing (from noise t=1 to data t=0); got an increase")
-    if first_frame is not None and (x.ndim < 2 or first_frame.shape != x[:, 0].shape):
+        raise ValueError("timesteps must be strictly decreasing, from noise (t=1) to data (t=0)")
+    if first_frame is not None and (x.ndim < 2 or first_frame.shape != x.shape[:1] + x.shape[2:]):
         raise ValueError(
-            f"first_frame must have the shape of x[:, 0] = {tuple(x[:, 0].shape) if x.ndim >= 2 else '?'}, "
-            f"got {tuple(first_frame.shape)}; encode the image to one latent frame (B, H, W, C)"
+            f"first_frame must be shaped like x[:, 0] of x {tuple(x.shape)}, got {tuple(first_frame.shape)}; "
+            "pass the image latent as one frame (B, H, W, C)"
         )
 
     x = x.clone()  # private working buffer: everything below updates it in place
@@ -188,9 +175,7 @@ def denoise(
     return x
 
 
-# ---------------------------------------------------------------------------------------------------
-# I2V post-processing
-# ---------------------------------------------------------------------------------------------------
+# --- I2V post-processing --------------------------------------------------------------------------
 
 
 def normalize_first_frames(latent: torch.Tensor, num_frames: int = 4, num_reference: int = 5) -> torch.Tensor:
