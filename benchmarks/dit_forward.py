@@ -28,12 +28,42 @@ class Case:
 
 
 CASES = [
-    Case("nano 256d x6, 5x16x16 lat", DiTConfig(model_dim=256, ff_dim=1024, time_dim=128, num_text_blocks=1,
-         num_visual_blocks=6, axes_dims=(8, 12, 12), in_text_dim=384, in_text_dim2=384), (5, 16, 16), 32),
-    Case("mid 512d x4, 4x32x32 lat", DiTConfig(model_dim=512, ff_dim=2048, time_dim=256, num_text_blocks=1,
-         num_visual_blocks=4, axes_dims=(16, 24, 24), in_text_dim=1024, in_text_dim2=768), (4, 32, 32), 128),
-    Case("Lite width 1792d x2, 2x32x48", DiTConfig(model_dim=1792, ff_dim=7168, time_dim=512,
-         num_text_blocks=1, num_visual_blocks=2), (2, 32, 48), 256),
+    Case(
+        "nano 256d x6, 5x16x16 lat",
+        DiTConfig(
+            model_dim=256,
+            ff_dim=1024,
+            time_dim=128,
+            num_text_blocks=1,
+            num_visual_blocks=6,
+            axes_dims=(8, 12, 12),
+            in_text_dim=384,
+            in_text_dim2=384,
+        ),
+        (5, 16, 16),
+        32,
+    ),
+    Case(
+        "mid 512d x4, 4x32x32 lat",
+        DiTConfig(
+            model_dim=512,
+            ff_dim=2048,
+            time_dim=256,
+            num_text_blocks=1,
+            num_visual_blocks=4,
+            axes_dims=(16, 24, 24),
+            in_text_dim=1024,
+            in_text_dim2=768,
+        ),
+        (4, 32, 32),
+        128,
+    ),
+    Case(
+        "Lite width 1792d x2, 2x32x48",
+        DiTConfig(model_dim=1792, ff_dim=7168, time_dim=512, num_text_blocks=1, num_visual_blocks=2),
+        (2, 32, 48),
+        256,
+    ),
 ]
 
 
@@ -42,10 +72,18 @@ def reference_model(config: DiTConfig):
 
     c = config
     return Kandinsky5Transformer3DModel(
-        in_visual_dim=c.in_visual_dim, in_text_dim=c.in_text_dim, in_text_dim2=c.in_text_dim2,
-        time_dim=c.time_dim, out_visual_dim=c.out_visual_dim, patch_size=c.patch_size,
-        model_dim=c.model_dim, ff_dim=c.ff_dim, num_text_blocks=c.num_text_blocks,
-        num_visual_blocks=c.num_visual_blocks, axes_dims=c.axes_dims, visual_cond=c.visual_cond,
+        in_visual_dim=c.in_visual_dim,
+        in_text_dim=c.in_text_dim,
+        in_text_dim2=c.in_text_dim2,
+        time_dim=c.time_dim,
+        out_visual_dim=c.out_visual_dim,
+        patch_size=c.patch_size,
+        model_dim=c.model_dim,
+        ff_dim=c.ff_dim,
+        num_text_blocks=c.num_text_blocks,
+        num_visual_blocks=c.num_visual_blocks,
+        axes_dims=c.axes_dims,
+        visual_cond=c.visual_cond,
     )
 
 
@@ -61,7 +99,7 @@ def median_times(fns, repeats: int) -> list[float]:
     for fn in fns:
         fn()  # warm-up
     for _ in range(repeats):
-        for fn, bucket in zip(fns, times):
+        for fn, bucket in zip(fns, times, strict=True):
             start = time.perf_counter()
             fn()
             bucket.append(time.perf_counter() - start)
@@ -92,17 +130,34 @@ def run_case(case: Case, dtype: torch.dtype, device: str, repeats: int) -> tuple
             torch.cuda.synchronize()
 
     with torch.inference_mode():
+
         def run_ref():
-            ref(x, text, time_, pooled, visual_rope_pos=pos, text_rope_pos=text_pos,
-                scale_factor=(1, 2, 2), return_dict=False)
+            ref(
+                x,
+                text,
+                time_,
+                pooled,
+                visual_rope_pos=pos,
+                text_rope_pos=text_pos,
+                scale_factor=(1, 2, 2),
+                return_dict=False,
+            )
             sync()
 
         def run_ours():
             ours(x, text, pooled, time_, rope_scale=(1, 2, 2))
             sync()
 
-        a = ref(x, text, time_, pooled, visual_rope_pos=pos, text_rope_pos=text_pos,
-                scale_factor=(1, 2, 2), return_dict=False)
+        a = ref(
+            x,
+            text,
+            time_,
+            pooled,
+            visual_rope_pos=pos,
+            text_rope_pos=text_pos,
+            scale_factor=(1, 2, 2),
+            return_dict=False,
+        )
         b = ours(x, text, pooled, time_, rope_scale=(1, 2, 2))
         diff = (a.float() - b.float()).abs().max().item()
         t_ours, t_ref = median_times([run_ours, run_ref], repeats)
@@ -110,7 +165,9 @@ def run_case(case: Case, dtype: torch.dtype, device: str, repeats: int) -> tuple
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
@@ -124,8 +181,10 @@ def main() -> None:
         dtype = getattr(torch, dtype_name)
         for case in CASES:
             t_ours, t_ref, diff = run_case(case, dtype, args.device, args.repeats)
-            print(f"{case.name:32} {dtype_name:9} {t_ours * 1e3:9.1f} {t_ref * 1e3:13.1f} "
-                  f"{t_ours / t_ref:7.2f} {diff:10.2e}")
+            print(
+                f"{case.name:32} {dtype_name:9} {t_ours * 1e3:9.1f} {t_ref * 1e3:13.1f} "
+                f"{t_ours / t_ref:7.2f} {diff:10.2e}"
+            )
 
 
 if __name__ == "__main__":

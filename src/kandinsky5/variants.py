@@ -207,7 +207,7 @@ class Variant:
         return parameter_count(self.dit)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parameter_count(cfg: DiTConfig) -> int:
     """Exact number of DiT parameters for ``cfg``, counted on a meta-device model (no memory used)."""
     import torch

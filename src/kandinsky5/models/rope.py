@@ -54,7 +54,7 @@ def rope_3d(
     roundings as the official table lookup followed by the division.
     """
     blocks = []
-    for axis, (size, dim, factor) in enumerate(zip(grid, axes_dims, scale)):
+    for axis, (size, dim, factor) in enumerate(zip(grid, axes_dims, scale, strict=True)):
         pos = torch.arange(size, dtype=torch.float32, device=device)
         angles = torch.outer(pos, sinusoid_freqs(dim // 2, device)) / factor  # (size, dim/2)
         view = [1, 1, 1, dim // 2]
