@@ -104,8 +104,15 @@ class CrossDiT(nn.Module):
             raise ValueError(f"latent (T, H, W) = {tuple(x.shape[1:4])} must divide by patch {c.patch_size}")
         batch = x.shape[0]
         time = time.reshape(-1).expand(batch) if time.numel() == 1 else time
-        if text_mask is not None and bool(text_mask.all()):
-            text_mask = None  # all tokens real: take the unmasked (faster) attention path
+        if text_mask is not None:
+            if text_mask.shape != text.shape[:2]:
+                raise ValueError(
+                    f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}"
+                )
+            # Tokenizers return 0/1 integers; SDPA would read a float mask as an additive bias.
+            text_mask = text_mask.to(torch.bool)
+            if bool(text_mask.all()):
+                text_mask = None  # all tokens real: take the unmasked (faster) attention path
 
         temb = self.time_embeddings(time) + self.pooled_text_embeddings(pooled_text).float()
         text_tokens = self.text_embeddings(text)
