@@ -1,0 +1,243 @@
+"""Find a CrossDiT's weight files: a local file or folder, a variant name, or a Hub repository.
+
+Hub downloads go through huggingface_hub, so its cache and settings apply (``HF_HOME``,
+``HF_HUB_CACHE``, ``HF_TOKEN``, ``HF_HUB_OFFLINE=1``); only the transformer files are fetched. When the
+files are neither on disk nor downloadable, :class:`MissingWeightsError` says which files are missing
+and how to get them. Nothing here runs code from a repository.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import constants, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.file_download import repo_folder_name
+
+from .checkpoint import (
+    DIFFUSERS_INDEX,
+    DIFFUSERS_WEIGHTS,
+    CheckpointError,
+    Layout,
+    config_from_diffusers,
+)
+from .safetensors_file import PICKLE_SUFFIXES
+from .config import DiTConfig
+from .variants import VARIANTS, Variant, get_variant, variant_for_repo
+
+__all__ = ["MissingWeightsError", "ResolvedCheckpoint", "resolve_dit_files"]
+
+logger = logging.getLogger(__name__)
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DIFFUSERS_PATTERNS = [
+    "transformer/config.json",
+    f"transformer/{DIFFUSERS_INDEX}",
+    "transformer/diffusion_pytorch_model*.safetensors",
+]
+OFFICIAL_PATTERNS = ["model/*.safetensors", "*.safetensors"]
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """Local weight files of one DiT, ready for :func:`kandinsky5.checkpoint.load_dit`.
+
+    ``files`` is one file or the shards in order; ``config`` comes from a diffusers ``config.json``
+    (None for official files: use the variant's config); ``variant`` is the registered name if known.
+    """
+
+    files: list[Path]
+    layout: Layout
+    config: DiTConfig | None = None
+    variant: str | None = None
+
+
+class MissingWeightsError(CheckpointError):
+    """The weights are neither on this machine nor downloadable (offline, no network, not cached)."""
+
+
+class _NotFound(CheckpointError):
+    """Expected files are absent from a folder; ``names`` are their paths relative to the repo root."""
+
+    def __init__(self, message: str, names: list[str]):
+        super().__init__(message)
+        self.names = names
+
+
+def resolve_dit_files(
+    source: str | Path,
+    variant: str | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> ResolvedCheckpoint:
+    """Local files of a DiT checkpoint, downloading only the transformer weights when needed.
+
+    ``source`` is a ``.safetensors`` file; a folder in official layout (``model/*.safetensors`` or one
+    ``*.safetensors``) or diffusers layout (``transformer/`` with ``config.json`` and weights, or that
+    ``transformer/`` folder itself); a registered variant name; or a Hub repo id (official or
+    ``-Diffusers``). ``variant`` names the variant when ``source`` does not tell; it also picks the
+    file in a folder holding several checkpoints.
+    """
+    known = get_variant(variant) if variant is not None else None
+    if isinstance(source, Path) or Path(source).expanduser().exists():
+        return _resolve_local(Path(source).expanduser(), known)
+    if source in VARIANTS:
+        known = known or VARIANTS[source]
+        if known.hub is None:
+            raise CheckpointError(f"variant {known.name!r} has no Hub weights; pass a file or folder")
+        return _resolve_repo(known.hub.repo_id, known, revision, cache_dir)
+    if _REPO_ID.match(source) and not source.startswith("."):
+        return _resolve_repo(source, known or variant_for_repo(source), revision, cache_dir)
+    raise CheckpointError(f"no such file or folder, variant or Hub repo id: {source}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Local files
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve_local(path: Path, known: Variant | None) -> ResolvedCheckpoint:
+    name = known.name if known else None
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise CheckpointError(f"{path}: pickle checkpoints can run code; convert to safetensors")
+        if path.name == DIFFUSERS_WEIGHTS and (path.parent / "config.json").is_file():
+            return _resolve_diffusers(path.parent, name)
+        return ResolvedCheckpoint([path], "official", None, name)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if (path / "transformer").is_dir():
+        return _resolve_diffusers(path / "transformer", name)
+    if (path / "config.json").is_file() and any(path.glob("diffusion_pytorch_model*")):
+        return _resolve_diffusers(path, name)
+    return ResolvedCheckpoint([_official_file(path, known)], "official", None, name)
+
+
+def _official_file(folder: Path, known: Variant | None) -> Path:
+    """The one checkpoint in ``folder/model/`` or at the top of ``folder``."""
+    candidates = sorted((folder / "model").glob("*.safetensors")) or sorted(folder.glob("*.safetensors"))
+    if known is not None and known.hub is not None:
+        wanted = Path(known.hub.filename).name
+        candidates = [c for c in candidates if c.name == wanted] or candidates
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        names = ", ".join(c.name for c in candidates)
+        raise CheckpointError(f"{folder} holds several checkpoints ({names}); pass one file or a variant")
+    pickles = [p.name for d in (folder, folder / "model") for p in d.glob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only {', '.join(pickles)}: pickle checkpoints can run code; "
+            "convert to safetensors"
+        )
+    wanted_name = known.hub.filename if known and known.hub else "model/<name>.safetensors"
+    raise _NotFound(
+        f"no DiT weights in {folder}: expected {wanted_name}, one *.safetensors file, or a diffusers "
+        "transformer/ folder",
+        [wanted_name],
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable JSON ({err})") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return content
+
+
+def _resolve_diffusers(folder: Path, name: str | None) -> ResolvedCheckpoint:
+    """A diffusers ``transformer/`` folder: ``config.json`` plus one weight file or indexed shards."""
+    if not (folder / "config.json").is_file():
+        raise _NotFound(f"{folder}: diffusers folder without config.json", ["transformer/config.json"])
+    config = config_from_diffusers(_read_json(folder / "config.json"))
+    if (folder / DIFFUSERS_INDEX).is_file():
+        weight_map = _read_json(folder / DIFFUSERS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{folder / DIFFUSERS_INDEX}: no weight_map")
+        shards = sorted(set(weight_map.values()))
+    elif (folder / DIFFUSERS_WEIGHTS).is_file():
+        shards = [DIFFUSERS_WEIGHTS]
+    else:
+        raise _NotFound(
+            f"{folder}: no {DIFFUSERS_WEIGHTS} and no {DIFFUSERS_INDEX}",
+            [f"transformer/{DIFFUSERS_WEIGHTS} (or shards + {DIFFUSERS_INDEX})"],
+        )
+    missing = [shard for shard in shards if not (folder / shard).is_file()]
+    if missing:
+        raise _NotFound(
+            f"{folder}: {len(missing)} shard(s) listed in the index are missing: {', '.join(missing)}",
+            [f"transformer/{shard}" for shard in missing],
+        )
+    return ResolvedCheckpoint([folder / shard for shard in shards], "diffusers", config, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub repositories
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve_repo(
+    repo_id: str, known: Variant | None, revision: str | None, cache_dir: str | Path | None
+) -> ResolvedCheckpoint:
+    hub, name = (known.hub if known else None), (known.name if known else None)
+    options = {"revision": revision, "cache_dir": cache_dir}
+    logger.info("resolving the DiT of %s (HF cache %s)", repo_id, cache_dir or constants.HF_HUB_CACHE)
+    try:
+        if repo_id.lower().endswith("-diffusers") or (hub and _same_repo(hub.diffusers_repo_id, repo_id)):
+            expected = ["transformer/config.json", "transformer/diffusion_pytorch_model*.safetensors"]
+            folder = Path(snapshot_download(repo_id, allow_patterns=DIFFUSERS_PATTERNS, **options))
+            return _resolve_diffusers(folder / "transformer", name)
+        if hub and _same_repo(hub.repo_id, repo_id):
+            expected = [hub.filename]
+            path = Path(hf_hub_download(repo_id, hub.filename, **options))
+            return ResolvedCheckpoint([path], "official", None, name)
+        expected = ["model/*.safetensors"]
+        folder = Path(snapshot_download(repo_id, allow_patterns=OFFICIAL_PATTERNS, **options))
+        return ResolvedCheckpoint([_official_file(folder, known)], "official", None, name)
+    except _NotFound as err:  # a cached snapshot that lacks some files
+        raise _missing(repo_id, err.names, name, "the cached snapshot is incomplete", cache_dir) from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        reason = "HF_HUB_OFFLINE=1 is set" if constants.is_offline_mode() else _first_line(err)
+        raise _missing(repo_id, expected, name, reason, cache_dir) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"cannot access {repo_id}: it does not exist, is private or is gated "
+            "(log in with `hf auth login` and accept its licence on the Hub)"
+        ) from None
+    except (EntryNotFoundError, HfHubHTTPError) as err:
+        raise CheckpointError(f"cannot download {repo_id}: {_first_line(err)}") from None
+
+
+def _same_repo(a: str | None, b: str) -> bool:
+    return a is not None and a.lower() == b.lower()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _missing(
+    repo_id: str, names: list[str], variant: str | None, reason: str, cache_dir: str | Path | None
+) -> MissingWeightsError:
+    cache = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    return MissingWeightsError(
+        f"weights of {repo_id} are not on this machine and cannot be downloaded ({reason}); "
+        f"missing: {', '.join(names)}. Run `kandinsky5 download {variant or repo_id}` on a machine with "
+        f"network access, or put the files in the Hugging Face cache at {cache}/snapshots/<commit>/ "
+        "with refs/main naming that commit (HF_HUB_CACHE or HF_HOME choose the cache)"
+    )
