@@ -1,7 +1,25 @@
-"""kandinsky5: a fast, tested implementation of the Kandinsky 5.0 video and image models."""
+"""kandinsky5: a fast, tested implementation of the Kandinsky 5.0 video and image models.
 
-from .config import DiTConfig, NablaConfig, SamplingDefaults
+Heavy modules (torch and friends) load on first use, so ``kandinsky5 --help`` stays instant.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = ["DiTConfig", "NablaConfig", "SamplingDefaults", "__version__"]
+_EXPORTS = {
+    "DiTConfig": "kandinsky5.config",
+    "NablaConfig": "kandinsky5.config",
+    "SamplingDefaults": "kandinsky5.config",
+    "get_variant": "kandinsky5.variants",
+    "list_variants": "kandinsky5.variants",
+    "load_transformer": "kandinsky5.api",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kandinsky5' has no attribute {name!r}")
