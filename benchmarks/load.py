@@ -39,8 +39,9 @@ METHODS = ("load_dit", "load_dit fp32", "init + load_file")
 
 def config(visual_blocks: int) -> DiTConfig:
     """Video Lite widths (§3.1) with fewer visual blocks."""
-    return DiTConfig(model_dim=1792, ff_dim=7168, time_dim=512, num_text_blocks=2,
-                     num_visual_blocks=visual_blocks)
+    return DiTConfig(
+        model_dim=1792, ff_dim=7168, time_dim=512, num_text_blocks=2, num_visual_blocks=visual_blocks
+    )
 
 
 def write_checkpoint(path: Path, cfg: DiTConfig) -> int:
@@ -91,8 +92,14 @@ def measure(method: str, path: Path, visual_blocks: int) -> dict[str, float]:
     with torch.no_grad():
         checksum = sum(float(p.sum()) for p in model.parameters())  # faults in every page
     touch_s = time.perf_counter() - start
-    return {"baseline": baseline, "after_load": after_load, "after_touch": peak_rss_bytes(),
-            "load_s": load_s, "touch_s": touch_s, "checksum": checksum}
+    return {
+        "baseline": baseline,
+        "after_load": after_load,
+        "after_touch": peak_rss_bytes(),
+        "load_s": load_s,
+        "touch_s": touch_s,
+        "checksum": checksum,
+    }
 
 
 def main() -> None:
@@ -113,22 +120,48 @@ def main() -> None:
         start = time.perf_counter()
         params = write_checkpoint(path, cfg)
         size = path.stat().st_size
-        print(f"checkpoint: {params / 1e9:.3f}B parameters, {size / 1e9:.3f} GB "
-              f"(written in {time.perf_counter() - start:.1f} s), torch {torch.__version__}\n")
+        print(
+            f"checkpoint: {params / 1e9:.3f}B parameters, {size / 1e9:.3f} GB "
+            f"(written in {time.perf_counter() - start:.1f} s), torch {torch.__version__}\n"
+        )
         rows = []
         for method in METHODS:
-            command = [sys.executable, __file__, "--visual-blocks", str(args.visual_blocks),
-                       "--child", method, str(path)]
+            command = [
+                sys.executable,
+                __file__,
+                "--visual-blocks",
+                str(args.visual_blocks),
+                "--child",
+                method,
+                str(path),
+            ]
             result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             rows.append((method, result))
 
-    header = ("method", "load s", "read-all s", "baseline GB", "peak after load GB", "ratio",
-              "peak after read-all GB", "ratio")
+    header = (
+        "method",
+        "load s",
+        "read-all s",
+        "baseline GB",
+        "peak after load GB",
+        "ratio",
+        "peak after read-all GB",
+        "ratio",
+    )
     table = [header]
     for method, r in rows:
-        table.append((method, f"{r['load_s']:.2f}", f"{r['touch_s']:.2f}", f"{r['baseline'] / 1e9:.2f}",
-                      f"{r['after_load'] / 1e9:.2f}", f"{(r['after_load'] - r['baseline']) / size:.3f}",
-                      f"{r['after_touch'] / 1e9:.2f}", f"{(r['after_touch'] - r['baseline']) / size:.3f}"))
+        table.append(
+            (
+                method,
+                f"{r['load_s']:.2f}",
+                f"{r['touch_s']:.2f}",
+                f"{r['baseline'] / 1e9:.2f}",
+                f"{r['after_load'] / 1e9:.2f}",
+                f"{(r['after_load'] - r['baseline']) / size:.3f}",
+                f"{r['after_touch'] / 1e9:.2f}",
+                f"{(r['after_touch'] - r['baseline']) / size:.3f}",
+            )
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

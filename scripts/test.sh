@@ -8,6 +8,9 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
+# Lint and format are checked with the settings in pyproject.toml, as pre-commit would.
+ruff check src tests benchmarks
+ruff format --check src tests benchmarks
 set +e
 HF_HUB_OFFLINE=1 python -m pytest -q "$@"
 status=$?

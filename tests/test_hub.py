@@ -24,8 +24,16 @@ from kandinsky5.models.dit import CrossDiT
 from kandinsky5.variants import get_variant
 
 TINY = DiTConfig(
-    model_dim=64, ff_dim=128, time_dim=32, num_text_blocks=1, num_visual_blocks=2, axes_dims=(8, 12, 12),
-    in_text_dim=48, in_text_dim2=24, in_visual_dim=4, out_visual_dim=4,
+    model_dim=64,
+    ff_dim=128,
+    time_dim=32,
+    num_text_blocks=1,
+    num_visual_blocks=2,
+    axes_dims=(8, 12, 12),
+    in_text_dim=48,
+    in_text_dim2=24,
+    in_visual_dim=4,
+    out_visual_dim=4,
 )
 LITE = get_variant("video-lite-5s-sft")
 LITE_REPO, LITE_FILE = LITE.hub.repo_id, LITE.hub.filename

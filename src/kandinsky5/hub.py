@@ -31,8 +31,8 @@ from .checkpoint import (
     Layout,
     config_from_diffusers,
 )
-from .safetensors_file import PICKLE_SUFFIXES
 from .config import DiTConfig
+from .safetensors_file import PICKLE_SUFFIXES
 from .variants import VARIANTS, Variant, get_variant, variant_for_repo
 
 __all__ = ["MissingWeightsError", "ResolvedCheckpoint", "resolve_dit_files"]
