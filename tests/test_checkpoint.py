@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kandinsky5 import checkpoint, safetensors_file
+from kandinsky5 import atomic, checkpoint
 from kandinsky5.checkpoint import (
     CheckpointError,
     config_from_diffusers,
@@ -355,7 +355,7 @@ def test_failed_save_keeps_old_file(good_file: Path, monkeypatch: pytest.MonkeyP
     def broken_fsync(fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors_file.os, "fsync", broken_fsync)
+    monkeypatch.setattr(atomic.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         save_dit(random_dit(seed=1), good_file)
     assert good_file.read_bytes() == before

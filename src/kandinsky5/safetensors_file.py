@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
+
+from .atomic import atomic_write, write_json_durable
 
 __all__ = [
     "CheckpointError",
@@ -141,28 +139,9 @@ def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temp file in the same folder, fsync it, rename it over ``path``, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # make the rename itself durable
-    finally:
-        os.close(folder)
-
-
 def write_json(path: Path, content: dict) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(content, indent=2).encode() + b"\n"))
+    """Write a small JSON file (config, shard index) atomically."""
+    atomic_write(path, lambda tmp: write_json_durable(tmp, content))
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -179,9 +158,10 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # pad so tensor data starts 8-byte aligned, as safetensors does
 
-    def write(f: BinaryIO) -> None:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for t in tensors.values():
-            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for t in tensors.values():
+                f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
     atomic_write(path, write)
