@@ -126,7 +126,7 @@ class CrossDiT(nn.Module):
         fractal = visual_attention is not None and visual_attention.fractal
         if fractal:
             visual = fractal_flatten(visual)
-            rope_grid = torch.arange(rope.cos.shape[0], device=x.device).view(1, *grid, 1)
+            rope_grid = torch.arange(len(rope), device=x.device).view(1, *grid, 1)
             rope = rope.permute_tokens(fractal_flatten(rope_grid).view(-1))
         else:
             visual = visual.flatten(1, 3)  # raster order: t slowest, w fastest
