@@ -39,9 +39,7 @@ METHODS = ("load_dit", "load_dit fp32", "init + load_file")
 
 def config(visual_blocks: int) -> DiTConfig:
     """Video Lite widths (§3.1) with fewer visual blocks."""
-    return DiTConfig(
-        model_dim=1792, ff_dim=7168, time_dim=512, num_text_blocks=2, num_visual_blocks=visual_blocks
-    )
+    return DiTConfig(model_dim=1792, ff_dim=7168, time_dim=512, num_text_blocks=2, num_visual_blocks=visual_blocks)
 
 
 def write_checkpoint(path: Path, cfg: DiTConfig) -> int:
@@ -103,9 +101,7 @@ def measure(method: str, path: Path, visual_blocks: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--visual-blocks", type=int, default=8)
     parser.add_argument("--dir", type=Path, default=None, help="where the temp checkpoint goes")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)

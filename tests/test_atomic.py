@@ -32,7 +32,5 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 
 def test_failed_write_removes_the_folders_it_created(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        atomic_write(
-            tmp_path / "new" / "deeper" / "x.bin", lambda tmp: (_ for _ in ()).throw(KeyboardInterrupt)
-        )
+        atomic_write(tmp_path / "new" / "deeper" / "x.bin", lambda tmp: (_ for _ in ()).throw(KeyboardInterrupt))
     assert list(tmp_path.iterdir()) == []

@@ -314,9 +314,7 @@ def test_missing_keys_listed(tmp_path: Path, no_loading: None) -> None:
 def test_family_is_recognised(tmp_path: Path, no_loading: None) -> None:
     """A Video Lite file (told apart by its patch-embedding shape and block count) is named."""
     lite = {"visual_embeddings.in_layer.weight": torch.zeros(1792, 4 * 33, dtype=torch.bfloat16)}
-    lite.update(
-        {f"visual_transformer_blocks.{i}.feed_forward.in_layer.weight": torch.zeros(1) for i in range(32)}
-    )
+    lite.update({f"visual_transformer_blocks.{i}.feed_forward.in_layer.weight": torch.zeros(1) for i in range(32)})
     save_file(lite, tmp_path / "lite.safetensors")
     with pytest.raises(CheckpointError, match=r"the file looks like video-lite-5s-sft, .* and \d+ more$"):
         load_dit(tmp_path / "lite.safetensors", TINY, expected="nano")

@@ -68,9 +68,7 @@ def test_unknown_command_is_a_usage_error() -> None:
 
 
 def test_help_in_a_fresh_interpreter_does_not_import_torch() -> None:
-    code = (
-        "import sys; from kandinsky5.cli import build_parser; build_parser(); print('torch' in sys.modules)"
-    )
+    code = "import sys; from kandinsky5.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -151,9 +151,7 @@ def test_png_folder(tmp_path: Path, name: str) -> None:
     frames = gradient(5, 47, 63)
     out = Video(frames, 24.0, META).save(f"{tmp_path}/{name}")  # a Path would drop the "/"
     assert out == tmp_path / name.rstrip("/")
-    assert sorted(p.name for p in out.iterdir()) == [f"frame_{i:05d}.png" for i in range(5)] + [
-        "metadata.json"
-    ]
+    assert sorted(p.name for p in out.iterdir()) == [f"frame_{i:05d}.png" for i in range(5)] + ["metadata.json"]
     with PIL.Image.open(out / "frame_00003.png") as png:
         np.testing.assert_array_equal(np.asarray(png), frames[3])  # PNG is lossless
     meta = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
@@ -242,9 +240,7 @@ def test_failed_sidecar_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 @pytest.mark.parametrize("name", ["out.gif", "frames"])
-def test_failed_pillow_save_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
-) -> None:
+def test_failed_pillow_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setattr(PIL.Image.Image, "save", fail_on_call(3, PIL.Image.Image.save))
     if name == "out.gif":  # the GIF is one save call: make it fail in the frame conversion instead
         monkeypatch.setattr(PIL.Image, "fromarray", fail_on_call(3, PIL.Image.fromarray))
@@ -253,9 +249,7 @@ def test_failed_pillow_save_leaves_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_folder_overwrite_keeps_the_previous_frames(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_folder_overwrite_keeps_the_previous_frames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = Video(gradient(4, 8, 8)).save(tmp_path / "frames")
     monkeypatch.setattr(PIL.Image.Image, "save", fail_on_call(2, PIL.Image.Image.save))
     with pytest.raises(RuntimeError):

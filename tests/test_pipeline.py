@@ -33,9 +33,7 @@ def test_batched_guidance_equals_two_passes():
     noise = initial_noise((1, 2, 4, 4, 4), seed=1)
     kwargs = dict(guidance_scale=5.0, rope_scale=(1.0, 2.0, 2.0))
     batched = sample_latents(dit, prompt(6, 4, 0), prompt(6, 2, 1), noise, grid, **kwargs)
-    separate = sample_latents(
-        dit, prompt(6, 4, 0), prompt(6, 2, 1), noise, grid, batch_guidance=False, **kwargs
-    )
+    separate = sample_latents(dit, prompt(6, 4, 0), prompt(6, 2, 1), noise, grid, batch_guidance=False, **kwargs)
     torch.testing.assert_close(batched, separate, atol=1e-5, rtol=0)
 
 
@@ -43,9 +41,7 @@ def test_guidance_one_ignores_the_negative_prompt():
     dit, grid = random_dit(), timestep_grid(2, 3.0)
     noise = initial_noise((1, 1, 4, 4, 4), seed=2)
     a = sample_latents(dit, prompt(5, 5, 0), None, noise, grid, guidance_scale=1.0, rope_scale=(1, 1, 1))
-    b = sample_latents(
-        dit, prompt(5, 5, 0), prompt(5, 3, 9), noise, grid, guidance_scale=1.0, rope_scale=(1, 1, 1)
-    )
+    b = sample_latents(dit, prompt(5, 5, 0), prompt(5, 3, 9), noise, grid, guidance_scale=1.0, rope_scale=(1, 1, 1))
     assert torch.equal(a, b)
 
 

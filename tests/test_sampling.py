@@ -51,9 +51,7 @@ def test_grid_golden_values(num_steps: int, shift: float, expected: list[float])
     torch.testing.assert_close(timestep_grid(num_steps, shift), torch.tensor(expected), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "shift, tail", [(5.0, [0.2419, 0.1724, 0.0926, 0.0]), (10.0, [0.3896, 0.2941, 0.1695, 0.0])]
-)
+@pytest.mark.parametrize("shift, tail", [(5.0, [0.2419, 0.1724, 0.0926, 0.0]), (10.0, [0.3896, 0.2941, 0.1695, 0.0])])
 def test_grid_golden_tail_50_steps(shift: float, tail: list[float]) -> None:
     torch.testing.assert_close(timestep_grid(50, shift)[-4:], torch.tensor(tail), rtol=0, atol=1e-4)
 

@@ -106,8 +106,7 @@ EXPECTED_EDIT = (
 EXPECTED_VIDEO_LINES = [
     "<|im_start|>system",
     "You are a promt engineer. Describe the video in detail.",
-    "Describe how the camera moves or shakes, describe the zoom and view angle, whether it follows the "
-    "objects.",
+    "Describe how the camera moves or shakes, describe the zoom and view angle, whether it follows the objects.",
     "Describe the location of the video, main characters or objects and their action.",
     "Describe the dynamism of the video and presented actions.",
     "Name the visual style of the video: whether it is a professional footage, user generated content, some "
@@ -255,9 +254,7 @@ def test_clip_pooled_equals_a_direct_call(encoder, folders) -> None:
     pooled = encoder.encode_pooled(prompts)
     assert pooled.shape == (2, CLIP_HIDDEN) and pooled.dtype == torch.float32
     torch.testing.assert_close(pooled, expected, rtol=0, atol=0)
-    torch.testing.assert_close(
-        encoder.encode(prompts, "image", max_length=8).pooled, expected, rtol=0, atol=0
-    )
+    torch.testing.assert_close(encoder.encode(prompts, "image", max_length=8).pooled, expected, rtol=0, atol=0)
 
 
 def test_input_validation(encoder) -> None:
@@ -279,9 +276,7 @@ def test_from_spec_asks_for_the_variant_template(monkeypatch) -> None:
     from kandinsky5.variants import get_variant
 
     calls = []
-    monkeypatch.setattr(
-        TextEncoder, "from_pretrained", classmethod(lambda cls, *a, **k: calls.append((a, k)))
-    )
+    monkeypatch.setattr(TextEncoder, "from_pretrained", classmethod(lambda cls, *a, **k: calls.append((a, k))))
     TextEncoder.from_spec(get_variant("image-lite-edit").text, device="cpu")
     [(args, kwargs)] = calls
     assert args == ("Qwen/Qwen2.5-VL-7B-Instruct", "openai/clip-vit-large-patch14")
@@ -344,9 +339,7 @@ def test_edit_uses_the_vision_tower_and_3d_positions(edit_encoder, reference) ->
             mm_token_type_ids=(batch["input_ids"] == image_id).int(),
             output_hidden_states=True,
         )["hidden_states"][-1]
-    torch.testing.assert_close(
-        out.tokens, hidden[:, edit_encoder.crop_start("image_edit") :], rtol=0, atol=1e-5
-    )
+    torch.testing.assert_close(out.tokens, hidden[:, edit_encoder.crop_start("image_edit") :], rtol=0, atol=1e-5)
 
 
 def test_edit_input_validation(edit_encoder) -> None:

@@ -61,9 +61,7 @@ def _training_corpus() -> list[str]:
     return [*plain, *_CAPTIONS]
 
 
-def _learn_merges(
-    pre_tokenizer, num_merges: int, suffix: str = "", lowercase: bool = False
-) -> list[tuple[str, str]]:
+def _learn_merges(pre_tokenizer, num_merges: int, suffix: str = "", lowercase: bool = False) -> list[tuple[str, str]]:
     """BPE merges learned on the templates and captions: most frequent pair first, ties by pair order.
 
     A few lines of plain Python instead of ``tokenizers``' trainer, whose tie-breaking changes from one

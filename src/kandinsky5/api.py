@@ -1,21 +1,40 @@
-"""The user-facing entry points. Generation classes join these as the pipeline lands."""
+"""The user-facing classes: load a Kandinsky 5 model once, then ``generate`` videos or images.
+
+    model = Kandinsky5VideoLite.from_pretrained("kandinskylab/Kandinsky-5.0-T2V-Lite")
+    model.enable_model_cpu_offload()
+    video = model.generate(prompt="A mountain lake at dawn", num_frames=120)
+    video.save("output.mp4")
+
+One class per family; they share everything below and differ only in which variants they accept.
+"""
 
 from __future__ import annotations
 
 import logging
+import time as _time
+from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+from . import __version__
 from .checkpoint import CheckpointError, load_dit
 from .devices import parse_dtype, resolve_device
-from .hub import resolve_dit_files
+from .hub import resolve_dit_files, resolve_pipeline_files
+from .images import area_preserving_size, cover_and_crop, nearest_resolution, to_model_input
+from .media import Image, Video, frames_from_vae_output, load_image
 from .models import CrossDiT
-from .variants import get_variant
+from .offload import Placement
+from .pipeline import Conditioning, PromptEmbeddings, sample_latents
+from .sampling import initial_noise, latent_frames, random_seed, timestep_grid, valid_num_frames
+from .variants import Variant, get_variant, resolve_model_name, variant_for_folder, variant_for_repo
 
-__all__ = ["load_transformer"]
+__all__ = ["Kandinsky5ImageLite", "Kandinsky5VideoLite", "Kandinsky5VideoPro", "load_transformer"]
 
 logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 def load_transformer(
@@ -41,10 +60,252 @@ def load_transformer(
         config = expected
     if config is None:
         raise CheckpointError(
-            f"{source}: cannot tell which architecture this file holds; pass variant= "
-            "(see `kandinsky5 models`)"
+            f"{source}: cannot tell which architecture this file holds; pass variant= (see `kandinsky5 models`)"
         )
     device = resolve_device(device)
     model = load_dit(resolved.files, config, device=device, dtype=parse_dtype(dtype, device), expected=name)
     logger.info("loaded %s DiT (%s layout) on %s", name or "custom", resolved.layout, device)
     return model
+
+
+class Kandinsky5Model:
+    """A loaded variant: DiT, text encoder and VAE, and the one ``generate`` they share."""
+
+    families: ClassVar[tuple[str, ...]] = ()  # variant-name prefixes this class accepts
+    default_variant: ClassVar[str] = ""  # for local folders that do not say which variant they hold
+
+    def __init__(self, variant: Variant, dit: CrossDiT, text_encoder, vae, device: torch.device):
+        self.variant = variant
+        self.dit = dit
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.device = device
+        self.placement = Placement(device)
+
+    # ------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | Path,
+        variant: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> Kandinsky5Model:
+        """Load every component from a variant name, a Hub repo id or a local folder.
+
+        Short repo names such as ``kandinskylab/Kandinsky-5.0-T2V-Lite`` pick the family's default
+        variant (logged); ``variant=`` overrides. Defaults: best device, bf16 on accelerators, fp32 on CPU.
+        """
+        from .text import TextEncoder
+        from .vae import ImageVAE, VideoVAE
+
+        spec = cls._pick_variant(repo_id_or_path, variant)
+        device = resolve_device(device)
+        dtype = parse_dtype(dtype, device)
+        files = resolve_pipeline_files(_weights_source(repo_id_or_path, spec), spec)
+        logger.info("loading %s (%s) on %s in %s", spec.name, spec.description, device, dtype)
+        dit = load_dit(files.dit.files, files.dit.config or spec.dit, device=device, dtype=dtype, expected=spec.name)
+        text = TextEncoder.from_pretrained(
+            str(files.text_encoder), str(files.text_encoder_2), device=device, dtype=dtype,
+            templates=(spec.text.template,), qwen_tokenizer=str(files.tokenizer),
+            clip_tokenizer=str(files.tokenizer_2),
+        )  # fmt: skip
+        vae_class = ImageVAE if spec.vae == "flux" else VideoVAE
+        vae = vae_class.from_pretrained(str(files.vae), subfolder=None, device=device, dtype=dtype)
+        return cls(spec, dit, text, vae, device)
+
+    @classmethod
+    def _pick_variant(cls, source: str | Path, variant: str | None) -> Variant:
+        """``variant`` if given; for a local folder the variant whose file it holds, else the class's
+        default; otherwise the name, repo id or family short name ``source`` stands for."""
+        if variant is not None:
+            spec = get_variant(variant)
+        elif Path(str(source)).expanduser().exists():
+            spec = variant_for_folder(Path(str(source)).expanduser()) or get_variant(cls.default_variant)
+            logger.info("%s: using variant %s (pass variant= to choose another)", source, spec.name)
+        else:
+            spec = resolve_model_name(str(source))
+        if not spec.name.startswith(cls.families):
+            raise ValueError(
+                f"{cls.__name__} runs {' / '.join(f'{f}-*' for f in cls.families)} variants, not "
+                f"{spec.name!r}; use the class of that family"
+            )
+        return spec
+
+    def enable_model_cpu_offload(self) -> Kandinsky5Model:
+        """Keep components in host memory; move each to the accelerator only while it runs."""
+        self.placement = Placement(self.device, offload=True)
+        for component in (self.text_encoder, self.dit, self.vae):
+            self.placement.place(component)
+        return self
+
+    def to(self, device: torch.device | str) -> Kandinsky5Model:
+        self.device = resolve_device(device)
+        self.placement = Placement(self.device)
+        for component in (self.text_encoder, self.dit, self.vae):
+            self.placement.place(component)
+        return self
+
+    # ---------------------------------------------------------------------------------- generation
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        image=None,
+        shift: float | None = None,
+        progress: bool = True,
+        callback_on_step_end: StepCallback | None = None,
+    ) -> Video | Image:
+        """Generate from ``prompt``; anything not given takes the variant's default.
+
+        ``num_frames`` may be any count ≥ 1 up to the variant's maximum: the model works on 4k+1
+        frames, so we generate the next valid count and return exactly ``num_frames``. ``image`` (a
+        path or PIL image) animates a first frame (I2V variants) or is edited (image editing).
+        """
+        started = _time.perf_counter()
+        v, d = self.variant, self.variant.sampling
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt must be a non-empty string")
+        negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
+        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = d.guidance_scale if guidance_scale is None else guidance_scale
+        shift = d.shift if shift is None else shift
+        seed = random_seed() if seed is None else seed
+        frames = self._check_frames(num_frames)
+        source = self._load_condition_image(image)
+        height, width = self._pick_size(height, width, source)
+        if steps < 1 or guidance < 0:
+            raise ValueError(f"num_inference_steps must be >= 1 and guidance_scale >= 0, got {steps}, {guidance}")
+
+        use_cfg = abs(guidance - 1.0) > 1e-6
+        pixels = None if source is None else to_model_input(cover_and_crop(source, height, width))
+        with self.placement.use(self.text_encoder):
+            positive, negative = self._encode_prompts(prompt, negative_prompt if use_cfg else None, pixels)
+        conditioning = Conditioning()
+        if pixels is not None:
+            with self.placement.use(self.vae):
+                latent = self.vae.encode(pixels.to(self.vae.device), generator=torch.Generator().manual_seed(seed))
+            conditioning = (
+                Conditioning(first_frame=latent[:, 0]) if v.task == "i2v" else Conditioning(edit_latent=latent)
+            )
+
+        shape = (1, latent_frames(frames), height // 8, width // 8, self.dit.config.in_visual_dim)
+        noise = initial_noise(shape, seed, device=self.device)
+        with self.placement.use(self.dit):
+            latents = sample_latents(
+                self.dit, positive, negative, noise, timestep_grid(steps, shift),
+                guidance_scale=guidance, rope_scale=d.rope_scale,
+                conditioning=_to_device(conditioning, self.device),
+                visual_attention=self._visual_attention(shape), progress=progress,
+                callback=callback_on_step_end,
+            )  # fmt: skip
+        with self.placement.use(self.vae):
+            decoded = self.vae.decode(latents.to(self.vae.device))  # (1, 3, F', H, W)
+        metadata = {
+            "prompt": prompt, "negative_prompt": negative_prompt if use_cfg else None, "seed": seed,
+            "model": v.name, "steps": steps, "guidance_scale": guidance, "shift": shift,
+            "height": height, "width": width, "kandinsky5_version": __version__,
+        }  # fmt: skip
+        logger.info("generated %s in %.1f s", "video" if v.is_video else "image", _time.perf_counter() - started)
+        if not v.is_video:
+            return Image.from_tensor(decoded[0, :, 0].cpu(), metadata=metadata)
+        return Video(frames_from_vae_output(decoded[0, :, :frames].cpu()), fps=d.fps, metadata=metadata)
+
+    def _check_frames(self, num_frames: int | None) -> int:
+        v = self.variant
+        if not v.is_video:
+            if num_frames not in (None, 1):
+                raise ValueError(f"{v.name} makes images: num_frames must be 1 or None, got {num_frames}")
+            return 1
+        frames = v.sampling.num_frames if num_frames is None else num_frames
+        if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= v.max_num_frames:
+            raise ValueError(f"num_frames must be an integer from 1 to {v.max_num_frames} for {v.name}, got {frames}")
+        if valid_num_frames(frames) != frames:
+            logger.info("generating %d frames (4k+1) and returning the first %d", valid_num_frames(frames), frames)
+        return frames
+
+    def _load_condition_image(self, image):
+        task = self.variant.task
+        if image is None:
+            if task == "i2v":
+                raise ValueError(f"{self.variant.name} animates an image: pass image=PATH")
+            return None
+        if task not in ("i2v", "i2i"):
+            raise ValueError(f"{self.variant.name} is text-only ({task}); use an I2V or editing variant for image=")
+        return load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+
+    def _pick_size(self, height: int | None, width: int | None, source) -> tuple[int, int]:
+        v, d = self.variant, self.variant.sampling
+        if height is None and width is None and source is not None:
+            size = (source.height, source.width)
+            if v.task == "i2i":
+                height, width = nearest_resolution(size, v.resolutions)
+            else:
+                height, width = area_preserving_size(size, d.height * d.width, v.size_multiple)
+        height = d.height if height is None else height
+        width = d.width if width is None else width
+        m = v.size_multiple
+        if height < m or width < m or height % m or width % m:
+            fix = f"{max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}"
+            raise ValueError(
+                f"{v.name} needs height and width in multiples of {m} pixels, got {height}x{width}; try {fix}"
+            )
+        return height, width
+
+    def _encode_prompts(self, prompt: str, negative: str | None, pixels: torch.Tensor | None):
+        spec = self.variant.text
+        images = None
+        if spec.template == "image_edit":
+            images = ((pixels[:, :, 0] + 1.0) * 127.5).round().to(torch.uint8)
+        max_length = None if spec.template == "image_edit" else spec.qwen_max_length
+
+        def encode(text: str) -> PromptEmbeddings:
+            e = self.text_encoder.encode([text], spec.template, max_length, images=images)
+            return PromptEmbeddings(e.tokens.to(self.device), e.mask.to(self.device), e.pooled.to(self.device))
+
+        return encode(prompt), None if negative is None else encode(negative)
+
+    def _visual_attention(self, latent_shape: tuple[int, ...]):
+        return None  # dense attention; NABLA variants plug in here
+
+
+def _weights_source(source: str | Path, variant: Variant) -> str | Path:
+    """Local paths and real repo ids stay as given; variant and family names go to the official repo."""
+    if Path(str(source)).expanduser().exists() or variant_for_repo(str(source)) is not None:
+        return source
+    return variant.hub.repo_id if variant.hub else source
+
+
+def _to_device(conditioning: Conditioning, device: torch.device) -> Conditioning:
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return Conditioning(move(conditioning.first_frame), move(conditioning.edit_latent))
+
+
+class Kandinsky5VideoLite(Kandinsky5Model):
+    """Video Lite 2B: text-to-video 5 s / 10 s (sft, pretrain, nocfg, distilled) and image-to-video."""
+
+    families = ("video-lite",)
+    default_variant = "video-lite-5s-sft"
+
+
+class Kandinsky5VideoPro(Kandinsky5Model):
+    """Video Pro 19B: text-to-video and image-to-video, SD and HD."""
+
+    families = ("video-pro",)
+    default_variant = "video-pro-5s-sd"
+
+
+class Kandinsky5ImageLite(Kandinsky5Model):
+    """Image Lite 6B: text-to-image and image editing."""
+
+    families = ("image-lite",)
+    default_variant = "image-lite"

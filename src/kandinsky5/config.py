@@ -58,8 +58,7 @@ class DiTConfig:
             raise ValueError(f"axes_dims must be positive even numbers (RoPE pairs), got {self.axes_dims}")
         if self.model_dim % self.head_dim:
             raise ValueError(
-                f"model_dim {self.model_dim} must be a multiple of "
-                f"head_dim = sum(axes_dims) = {self.head_dim}"
+                f"model_dim {self.model_dim} must be a multiple of head_dim = sum(axes_dims) = {self.head_dim}"
             )
         if self.model_dim % 2:
             raise ValueError(f"model_dim must be even (sinusoidal time embedding), got {self.model_dim}")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
@@ -38,6 +40,8 @@ from .variants import VARIANTS, Variant, get_variant, variant_for_repo
 __all__ = ["MissingWeightsError", "ResolvedCheckpoint", "resolve_dit_files"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DIFFUSERS_PATTERNS = [
@@ -138,8 +142,7 @@ def _official_file(folder: Path, known: Variant | None) -> Path:
     pickles = [p.name for d in (folder, folder / "model") for p in d.glob("*") if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise CheckpointError(
-            f"{folder} holds only {', '.join(pickles)}: pickle checkpoints can run code; "
-            "convert to safetensors"
+            f"{folder} holds only {', '.join(pickles)}: pickle checkpoints can run code; convert to safetensors"
         )
     wanted_name = known.hub.filename if known and known.hub else "model/<name>.safetensors"
     raise _NotFound(
@@ -241,3 +244,114 @@ def _missing(
         f"network access, or put the files in the Hugging Face cache at {cache}/snapshots/<commit>/ "
         "with refs/main naming that commit (HF_HUB_CACHE or HF_HOME choose the cache)"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole pipelines: DiT + VAE + text encoders
+# --------------------------------------------------------------------------------------------------
+
+# Folder names of each component in the two published layouts. "official" is what the official
+# download script writes next to model/ (text_encoder2 without underscore, the FLUX VAE in flux/vae).
+DIFFUSERS_FOLDERS = {
+    "vae": "vae",
+    "text_encoder": "text_encoder",
+    "tokenizer": "tokenizer",
+    "text_encoder_2": "text_encoder_2",
+    "tokenizer_2": "tokenizer_2",
+}
+_WEIGHTS_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]  # never *.bin / *.pt
+
+
+@dataclass(frozen=True)
+class PipelineFiles:
+    """Local folders of every component a variant needs."""
+
+    dit: ResolvedCheckpoint
+    vae: Path  # folder holding the VAE's config.json and weights
+    text_encoder: Path  # Qwen2.5-VL weights
+    tokenizer: Path
+    text_encoder_2: Path  # CLIP text model
+    tokenizer_2: Path
+
+
+def resolve_pipeline_files(
+    source: str | Path, variant: Variant, *, cache_dir: str | Path | None = None
+) -> PipelineFiles:
+    """Every component of ``variant`` from a local folder or the Hub, in one pass.
+
+    Local folders may use the diffusers layout (``transformer/ vae/ text_encoder/ tokenizer/
+    text_encoder_2/ tokenizer_2/``) or the official one (``model/ vae/ text_encoder/ text_encoder2/``,
+    ``flux/vae/`` for images). From the Hub, an official repo brings the DiT and the VAE and text
+    encoders come from their own repos (``variant.vae_repo_id``, ``variant.text``); a ``-Diffusers``
+    repo brings everything. Whatever is missing is reported together in one ``MissingWeightsError``.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _local_pipeline(path, variant)
+    repo = variant.hub.repo_id if str(source) in VARIANTS and variant.hub else str(source)
+    if repo.lower().endswith("-diffusers"):
+        folders = ["transformer", *DIFFUSERS_FOLDERS.values()]
+        return _local_pipeline(_fetch(repo, [f"{f}/*" for f in folders], cache_dir, variant.name), variant)
+
+    missing: list[str] = []
+
+    def collect(fetch: Callable[[], T]) -> T | None:
+        try:
+            return fetch()
+        except MissingWeightsError as err:
+            missing.append(str(err))
+            return None
+
+    dit = collect(lambda: resolve_dit_files(repo, variant.name, cache_dir=cache_dir))
+    vae_patterns = [f"{variant.vae_subfolder}/*"]
+    vae = collect(lambda: _fetch(variant.vae_repo_id, vae_patterns, cache_dir, variant.name))
+    qwen = collect(lambda: _fetch(variant.text.qwen_repo_id, _WEIGHTS_PATTERNS, cache_dir, variant.name))
+    clip = collect(lambda: _fetch(variant.text.clip_repo_id, _WEIGHTS_PATTERNS, cache_dir, variant.name))
+    if missing:
+        raise MissingWeightsError(" | ".join(missing))
+    return PipelineFiles(dit, vae / variant.vae_subfolder, qwen, qwen, clip, clip)
+
+
+def _local_pipeline(root: Path, variant: Variant) -> PipelineFiles:
+    dit = resolve_dit_files(root, variant.name)
+    if (root / "transformer").is_dir():
+        folders = {key: root / name for key, name in DIFFUSERS_FOLDERS.items()}
+    else:
+        vae = root / "flux" / "vae" if variant.vae == "flux" and (root / "flux" / "vae").is_dir() else root / "vae"
+        folders = {
+            "vae": vae,
+            "text_encoder": root / "text_encoder",
+            "tokenizer": root / "text_encoder",
+            "text_encoder_2": root / "text_encoder2",
+            "tokenizer_2": root / "text_encoder2",
+        }
+    missing = [
+        str(folder) for folder in dict.fromkeys(folders.values()) if not (folder / _config_name(folder)).is_file()
+    ]
+    if missing:
+        raise MissingWeightsError(
+            f"{root} lacks component folders for {variant.name}: {', '.join(missing)}; get them with "
+            f"`kandinsky5 download {variant.name} --to {root}` on a machine with network access"
+        )
+    return PipelineFiles(dit, **folders)
+
+
+def _config_name(folder: Path) -> str:
+    """The file that proves a component folder is there (tokenizers may lack config.json)."""
+    return "config.json" if not folder.name.startswith("tokenizer") else "tokenizer_config.json"
+
+
+def _fetch(repo_id: str, patterns: list[str], cache_dir: str | Path | None, variant: str) -> Path:
+    """A snapshot of ``repo_id`` restricted to ``patterns``, from the cache or the network."""
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        reason = "HF_HUB_OFFLINE=1 is set" if constants.is_offline_mode() else _first_line(err)
+        raise _missing(repo_id, patterns, variant, reason, cache_dir) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"cannot access {repo_id}: it does not exist, is private or is gated "
+            "(log in with `hf auth login` and accept its licence on the Hub)"
+        ) from None
+    except HfHubHTTPError as err:
+        raise CheckpointError(f"cannot download {repo_id}: {_first_line(err)}") from None

@@ -114,15 +114,12 @@ def _check_metadata(metadata: Any) -> None:
 def _check_pixels(name: str, array: Any, shape: str, ndim: int) -> None:
     if not isinstance(array, np.ndarray):
         raise ValueError(
-            f"{name} must be a numpy array {shape}, got {type(array).__name__}; for a decoded tensor "
-            "use from_tensor()"
+            f"{name} must be a numpy array {shape}, got {type(array).__name__}; for a decoded tensor use from_tensor()"
         )
     if array.ndim != ndim or array.shape[-1] != 3:
         raise ValueError(f"{name} must have shape {shape} (RGB, channels last), got {array.shape}")
     if array.dtype != np.uint8:
-        raise ValueError(
-            f"{name} must be uint8, got {array.dtype}; convert floats in [-1, 1] with from_tensor()"
-        )
+        raise ValueError(f"{name} must be uint8, got {array.dtype}; convert floats in [-1, 1] with from_tensor()")
     if 0 in array.shape:
         raise ValueError(f"{name} must not be empty, got shape {array.shape}")
 
@@ -190,9 +187,7 @@ class Video:
                 "encoded_height": self.height + self.height % 2,
                 "encoded_width": self.width + self.width % 2,
             }
-            logger.info(
-                "padding %dx%d to even size for yuv420p H.264 (edge pixels repeated)", self.width, self.height
-            )
+            logger.info("padding %dx%d to even size for yuv420p H.264 (edge pixels repeated)", self.width, self.height)
         return _save_file(target, lambda tmp: _encode_av(self.frames, self.fps, tmp, fmt, record), record)
 
 
@@ -310,9 +305,7 @@ def check_output_path(path: PathLike, kind: Kind = "video", *, overwrite: bool =
     if not existing.is_dir():
         raise NotADirectoryError(f"cannot create folder {target.parent}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"cannot write to {existing.absolute()}: permission denied; choose another path"
-        )
+        raise PermissionError(f"cannot write to {existing.absolute()}: permission denied; choose another path")
     return fmt
 
 

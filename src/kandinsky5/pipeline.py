@@ -108,9 +108,7 @@ def _batched_guidance(
     """CFG with the conditional and unconditional passes in one DiT call (batch of two)."""
     doubled = Conditioning(
         first_frame=None if conditioning.first_frame is None else conditioning.first_frame.repeat(2, 1, 1, 1),
-        edit_latent=None
-        if conditioning.edit_latent is None
-        else conditioning.edit_latent.repeat(2, 1, 1, 1, 1),
+        edit_latent=None if conditioning.edit_latent is None else conditioning.edit_latent.repeat(2, 1, 1, 1, 1),
     )
     inner = dit_velocity(dit, both, doubled, rope_scale, visual_attention)
 
@@ -150,11 +148,7 @@ def sample_latents(
         velocity = _batched_guidance(dit, both, conditioning, guidance_scale, rope_scale, visual_attention)
     else:
         cond = dit_velocity(dit, prompt, conditioning, rope_scale, visual_attention)
-        uncond = (
-            None
-            if negative is None
-            else dit_velocity(dit, negative, conditioning, rope_scale, visual_attention)
-        )
+        uncond = None if negative is None else dit_velocity(dit, negative, conditioning, rope_scale, visual_attention)
         velocity = guided_velocity(cond, uncond, guidance_scale)
     first = None if conditioning.first_frame is None else conditioning.first_frame.float()
     with torch.inference_mode():

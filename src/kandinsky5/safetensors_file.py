@@ -116,9 +116,7 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
         if not valid:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}: {entry!r}")
         if end - start != math.prod(shape) * DTYPE_SIZES[dtype]:
-            raise CheckpointError(
-                f"{path}: corrupt: {key!r} is {dtype} {list(shape)} but spans {end - start} bytes"
-            )
+            raise CheckpointError(f"{path}: corrupt: {key!r} is {dtype} {list(shape)} but spans {end - start} bytes")
         tensors[key] = TensorInfo(dtype, shape, start, end)
 
     data_bytes, offset = size - 8 - header_len, 0

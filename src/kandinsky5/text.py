@@ -47,8 +47,7 @@ TemplateKind = Literal["video", "image", "image_edit", "image2video"]
 # --------------------------------------------------------------------------------------------------
 
 _VIDEO_RULES = (
-    "Describe how the camera moves or shakes, describe the zoom and view angle, "
-    "whether it follows the objects.",
+    "Describe how the camera moves or shakes, describe the zoom and view angle, whether it follows the objects.",
     "Describe the dynamism of the video and presented actions.",
     "Name the visual style of the video: whether it is a professional footage, user generated content, "
     "some kind of animation, video game or scren content.",
@@ -148,9 +147,7 @@ class TextEmbeddings:
                 f"{tuple(self.mask.shape)} {self.mask.dtype}"
             )
         if self.pooled.ndim != 2 or self.pooled.shape[0] != self.tokens.shape[0]:
-            raise ValueError(
-                f"expected pooled (B, P) with B={self.tokens.shape[0]}, got {tuple(self.pooled.shape)}"
-            )
+            raise ValueError(f"expected pooled (B, P) with B={self.tokens.shape[0]}, got {tuple(self.pooled.shape)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,8 +247,13 @@ class TextEncoder:
         dtype: torch.dtype | str | None = None,
         clip_dtype: torch.dtype | str = torch.float32,
         templates: Iterable[TemplateKind] = ("video", "image"),
+        qwen_tokenizer: str | None = None,
+        clip_tokenizer: str | None = None,
     ) -> TextEncoder:
         """Load both encoders from Hub ids or local folders.
+
+        Tokenizers come from the model folders unless ``qwen_tokenizer`` / ``clip_tokenizer`` name
+        other folders (the diffusers layout keeps them in ``tokenizer/`` and ``tokenizer_2/``).
 
         ``templates`` says which prompt kinds will be encoded. Text-only kinds load just the Qwen language
         model and tokenizer (no vision tower, no LM head: 7.1 of the checkpoint's 8.3 B parameters);
@@ -276,37 +278,32 @@ class TextEncoder:
         if "image_edit" in templates:
             # The whole multimodal base model. Its class-specific key conversion maps the checkpoint's
             # legacy layout (model.* / visual.*) onto language_model.* / visual.*; only lm_head is unused.
-            qwen, info = Qwen2_5_VLModel.from_pretrained(
-                qwen_path_or_id, dtype=dtype, output_loading_info=True
-            )
+            qwen, info = Qwen2_5_VLModel.from_pretrained(qwen_path_or_id, dtype=dtype, output_loading_info=True)
             # The official code asks for the fast (torchvision) processor; without torchvision we use the
             # PIL one, whose bicubic resize differs slightly.
             backend = "torchvision" if importlib.util.find_spec("torchvision") else "pil"
-            image_processor = AutoImageProcessor.from_pretrained(qwen_path_or_id, backend=backend)
+            processor_path = qwen_tokenizer or qwen_path_or_id
+            image_processor = AutoImageProcessor.from_pretrained(processor_path, backend=backend)
         else:
             # Just the decoder. The checkpoint stores it under "model." (the base-model prefix), which
             # from_pretrained strips; the vision tower and the LM head are skipped.
-            qwen, info = Qwen2_5_VLTextModel.from_pretrained(
-                qwen_path_or_id, dtype=dtype, output_loading_info=True
-            )
+            qwen, info = Qwen2_5_VLTextModel.from_pretrained(qwen_path_or_id, dtype=dtype, output_loading_info=True)
             image_processor = None
         if info["missing_keys"]:
             raise RuntimeError(
                 f"{qwen_path_or_id}: the Qwen2.5-VL checkpoint lacks {len(info['missing_keys'])} weights of "
                 f"{type(qwen).__name__}, e.g. {sorted(info['missing_keys'])[:3]}"
             )
-        tokenizer = AutoTokenizer.from_pretrained(qwen_path_or_id)
+        tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer or qwen_path_or_id)
 
-        clip, clip_info = CLIPTextModel.from_pretrained(
-            clip_path_or_id, dtype=clip_dtype, output_loading_info=True
-        )
+        clip, clip_info = CLIPTextModel.from_pretrained(clip_path_or_id, dtype=clip_dtype, output_loading_info=True)
         if clip_info["missing_keys"]:
             raise RuntimeError(
                 f"{clip_path_or_id}: the CLIP checkpoint lacks {len(clip_info['missing_keys'])} text-model "
                 f"weights, e.g. {sorted(clip_info['missing_keys'])[:3]}"
             )
-        clip_tokenizer = AutoTokenizer.from_pretrained(clip_path_or_id)
-        return cls(qwen.to(device), tokenizer, clip.to(device), clip_tokenizer, image_processor)
+        clip_tok = AutoTokenizer.from_pretrained(clip_tokenizer or clip_path_or_id)
+        return cls(qwen.to(device), tokenizer, clip.to(device), clip_tok, image_processor)
 
     @classmethod
     def from_spec(
@@ -388,9 +385,7 @@ class TextEncoder:
 
     def _encode_edit(self, prompts: list[str], images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.image_processor is None or not hasattr(self.qwen, "visual"):
-            raise ValueError(
-                "this TextEncoder has no vision tower; load it with templates=(..., 'image_edit')"
-            )
+            raise ValueError("this TextEncoder has no vision tower; load it with templates=(..., 'image_edit')")
         if images.ndim != 4 or images.shape[:2] != (len(prompts), 3) or images.dtype != torch.uint8:
             raise ValueError(
                 f"images must be a uint8 tensor (B, 3, H, W) with B = {len(prompts)} prompts, got "

@@ -124,8 +124,7 @@ class _LatentAutoencoder:
     def _check_latent(self, latent: torch.Tensor) -> None:
         if latent.ndim != 5 or latent.shape[-1] != self.latent_channels:
             raise ValueError(
-                f"latent must be (B, T, H/8, W/8, {self.latent_channels}) channels-last, "
-                f"got {tuple(latent.shape)}"
+                f"latent must be (B, T, H/8, W/8, {self.latent_channels}) channels-last, got {tuple(latent.shape)}"
             )
 
 

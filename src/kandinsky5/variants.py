@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import logging
 import re
+from pathlib import Path
 from typing import Literal
 
 from kandinsky5.config import DiTConfig, NablaConfig, SamplingDefaults
@@ -28,8 +30,12 @@ __all__ = [
     "get_variant",
     "list_variants",
     "variant_for_repo",
+    "resolve_model_name",
+    "variant_for_folder",
     "parameter_count",
 ]
+
+logger = logging.getLogger(__name__)
 
 Task = Literal["t2v", "i2v", "t2i", "i2i"]
 Attention = Literal["dense", "nabla"]
@@ -153,9 +159,7 @@ class Variant:
         if (self.attention == "nabla") != (self.nabla is not None):
             fail(f"a NablaConfig is required iff attention == 'nabla' (attention={self.attention!r})")
         if self.size_multiple < 1 or self.size_multiple % 16:
-            fail(
-                f"size_multiple must be a positive multiple of 16 (VAE x8, patch 2), got {self.size_multiple}"
-            )
+            fail(f"size_multiple must be a positive multiple of 16 (VAE x8, patch 2), got {self.size_multiple}")
         if self.attention == "nabla" and self.size_multiple % NABLA_SIZE_MULTIPLE:
             fail(f"NABLA needs sizes that are multiples of {NABLA_SIZE_MULTIPLE}, got {self.size_multiple}")
 
@@ -469,11 +473,7 @@ def _build_registry() -> dict[str, Variant]:
         # Video Pro 19B: SFT releases, then the pretrained bases listed in the README.
         *(_video_pro("t2v", seconds, quality) for seconds in (5, 10) for quality in ("sd", "hd")),
         *(_video_pro("i2v", 5, quality) for quality in ("sd", "hd")),
-        *(
-            _video_pro("t2v", seconds, quality, stage="pretrain")
-            for seconds in (5, 10)
-            for quality in ("sd", "hd")
-        ),
+        *(_video_pro("t2v", seconds, quality, stage="pretrain") for seconds in (5, 10) for quality in ("sd", "hd")),
         # Image Lite 6B.
         _image_lite("t2i", "sft"),
         _image_lite("t2i", "pretrain"),
@@ -505,9 +505,7 @@ def get_variant(name: str) -> Variant:
         pass
     close = difflib.get_close_matches(name, VARIANTS, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(
-        f"unknown variant {name!r}.{hint} Run `kandinsky5 models` to list all {len(VARIANTS)} variants."
-    )
+    raise ValueError(f"unknown variant {name!r}.{hint} Run `kandinsky5 models` to list all {len(VARIANTS)} variants.")
 
 
 def _repo_index() -> dict[str, Variant]:
@@ -532,3 +530,36 @@ def variant_for_repo(repo_id: str) -> Variant | None:
     Pro SD and HD variants share a repository; for those the SD variant is returned.
     """
     return _BY_REPO.get(repo_id.strip().strip("/").lower())
+
+
+# Short names people use for a family (the model card titles), each mapped to a sensible default:
+# the SFT 5 s checkpoint of each video family, which the README recommends for general use.
+ALIASES = {
+    "kandinskylab/kandinsky-5.0-t2v-lite": "video-lite-5s-sft",
+    "kandinskylab/kandinsky-5.0-i2v-lite": "video-lite-i2v-5s",
+    "kandinskylab/kandinsky-5.0-t2v-pro": "video-pro-5s-sd",
+    "kandinskylab/kandinsky-5.0-i2v-pro": "video-pro-i2v-5s-sd",
+}
+
+
+def resolve_model_name(name: str) -> Variant:
+    """A variant from its name, an official or ``-Diffusers`` repo id, or a family short name."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    by_repo = variant_for_repo(name)
+    if by_repo is not None:
+        return by_repo
+    alias = ALIASES.get(name.strip().strip("/").lower())
+    if alias is not None:
+        logger.info("%s is a family name; using its default variant %s", name, alias)
+        return VARIANTS[alias]
+    return get_variant(name)  # raises with close matches
+
+
+def variant_for_folder(folder: Path) -> Variant | None:
+    """The variant whose official checkpoint file lies in ``folder/model/``, if exactly one matches."""
+    names = {p.name for p in (folder / "model").glob("*.safetensors")}
+    matches = {v.hub.filename for v in VARIANTS.values() if v.hub and Path(v.hub.filename).name in names}
+    if len(matches) != 1:
+        return None
+    return next(v for v in VARIANTS.values() if v.hub and v.hub.filename in matches)

@@ -78,13 +78,9 @@ class TextBlock(nn.Module):
         self.self_attention = MultiheadAttention(model_dim, head_dim, round_qk)
         self.feed_forward = FeedForward(model_dim, ff_dim)
 
-    def forward(
-        self, x: torch.Tensor, temb: torch.Tensor, rope: Rotary, key_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: Rotary, key_mask: torch.Tensor | None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.text_modulation(temb)
-        x = gated_residual(
-            x, self.self_attention(modulate(x, shift1, scale1), rope=rope, key_mask=key_mask), gate1
-        )
+        x = gated_residual(x, self.self_attention(modulate(x, shift1, scale1), rope=rope, key_mask=key_mask), gate1)
         return gated_residual(x, self.feed_forward(modulate(x, shift2, scale2)), gate2)
 
 

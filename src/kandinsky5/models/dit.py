@@ -45,8 +45,7 @@ class CrossDiT(nn.Module):
         self.pooled_text_embeddings = TextEmbeddings(c.in_text_dim2, c.time_dim)
         self.visual_embeddings = VisualEmbeddings(c.visual_embed_dim, c.model_dim, c.patch_size)
         self.text_transformer_blocks = nn.ModuleList(
-            TextBlock(c.model_dim, c.time_dim, c.ff_dim, c.head_dim, round_qk_to_bf16)
-            for _ in range(c.num_text_blocks)
+            TextBlock(c.model_dim, c.time_dim, c.ff_dim, c.head_dim, round_qk_to_bf16) for _ in range(c.num_text_blocks)
         )
         self.visual_transformer_blocks = nn.ModuleList(
             VisualBlock(c.model_dim, c.time_dim, c.ff_dim, c.head_dim, round_qk_to_bf16)
@@ -96,9 +95,7 @@ class CrossDiT(nn.Module):
         """
         c = self.config
         if x.ndim != 5 or x.shape[-1] != c.visual_embed_dim:
-            raise ValueError(
-                f"x must be (B, T, H, W, {c.visual_embed_dim}) latents, got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"x must be (B, T, H, W, {c.visual_embed_dim}) latents, got shape {tuple(x.shape)}")
         pt, ph, pw = c.patch_size
         if x.shape[1] % pt or x.shape[2] % ph or x.shape[3] % pw:
             raise ValueError(f"latent (T, H, W) = {tuple(x.shape[1:4])} must divide by patch {c.patch_size}")
@@ -106,9 +103,7 @@ class CrossDiT(nn.Module):
         time = time.reshape(-1).expand(batch) if time.numel() == 1 else time
         if text_mask is not None:
             if text_mask.shape != text.shape[:2]:
-                raise ValueError(
-                    f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}"
-                )
+                raise ValueError(f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
             # Tokenizers return 0/1 integers; SDPA would read a float mask as an additive bias.
             text_mask = text_mask.to(torch.bool)
             if bool(text_mask.all()):
