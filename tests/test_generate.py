@@ -188,3 +188,10 @@ def test_model_offload_keeps_one_component_on_the_accelerator(tiny):
         assert all(place == "cpu" for key, place in where.items() if key != running[stage]), (stage, where)
     assert {stage for stage, _ in snapshots} == {"text", "dit", "vae"}
     assert set(location.values()) == {"cpu"}, "everything is back in host memory after the run"
+
+
+def test_load_returns_the_family_class(tiny):
+    import kandinsky5
+
+    _, name, repo = tiny("t2i")
+    assert type(kandinsky5.load(repo, variant=name, device="cpu")) is Kandinsky5ImageLite

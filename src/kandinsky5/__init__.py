@@ -14,6 +14,12 @@ _EXPORTS = {
     "get_variant": "kandinsky5.variants",
     "list_variants": "kandinsky5.variants",
     "load_transformer": "kandinsky5.api",
+    "load": "kandinsky5.api",
+    "Kandinsky5VideoLite": "kandinsky5.api",
+    "Kandinsky5VideoPro": "kandinsky5.api",
+    "Kandinsky5ImageLite": "kandinsky5.api",
+    "Video": "kandinsky5.media",
+    "Image": "kandinsky5.media",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -30,7 +30,14 @@ from .pipeline import Conditioning, PromptEmbeddings, sample_latents
 from .sampling import initial_noise, latent_frames, random_seed, timestep_grid, valid_num_frames
 from .variants import Variant, get_variant, resolve_model_name, variant_for_folder, variant_for_repo
 
-__all__ = ["Kandinsky5ImageLite", "Kandinsky5VideoLite", "Kandinsky5VideoPro", "load_transformer"]
+__all__ = [
+    "Kandinsky5ImageLite",
+    "Kandinsky5Model",
+    "Kandinsky5VideoLite",
+    "Kandinsky5VideoPro",
+    "load",
+    "load_transformer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +120,8 @@ class Kandinsky5Model:
         )  # fmt: skip
         vae_class = ImageVAE if spec.vae == "flux" else VideoVAE
         vae = vae_class.from_pretrained(str(files.vae), subfolder=None, device=device, dtype=dtype)
-        return cls(spec, dit, text, vae, device)
+        model_class = cls if cls.families else _class_for(spec)
+        return model_class(spec, dit, text, vae, device)
 
     @classmethod
     def _pick_variant(cls, source: str | Path, variant: str | None) -> Variant:
@@ -122,7 +130,10 @@ class Kandinsky5Model:
         if variant is not None:
             spec = get_variant(variant)
         elif Path(str(source)).expanduser().exists():
-            spec = variant_for_folder(Path(str(source)).expanduser()) or get_variant(cls.default_variant)
+            spec = variant_for_folder(Path(str(source)).expanduser())
+            if spec is None and not cls.default_variant:
+                raise ValueError(f"{source}: cannot tell which variant this folder holds; pass variant=")
+            spec = spec or get_variant(cls.default_variant)
             logger.info("%s: using variant %s (pass variant= to choose another)", source, spec.name)
         else:
             spec = resolve_model_name(str(source))
@@ -276,6 +287,23 @@ class Kandinsky5Model:
 
     def _visual_attention(self, latent_shape: tuple[int, ...]):
         return None  # dense attention; NABLA variants plug in here
+
+
+def load(
+    repo_id_or_path: str | Path,
+    variant: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> Kandinsky5Model:
+    """Load any variant; returns the model class of its family (``Kandinsky5VideoLite``, ...)."""
+    return Kandinsky5Model.from_pretrained(repo_id_or_path, variant, device, dtype)
+
+
+def _class_for(variant: Variant) -> type[Kandinsky5Model]:
+    for model_class in Kandinsky5Model.__subclasses__():
+        if variant.name.startswith(model_class.families):
+            return model_class
+    return Kandinsky5Model
 
 
 def _weights_source(source: str | Path, variant: Variant) -> str | Path:
