@@ -137,7 +137,7 @@ class Kandinsky5Model:
             logger.info("%s: using variant %s (pass variant= to choose another)", source, spec.name)
         else:
             spec = resolve_model_name(str(source))
-        if not spec.name.startswith(cls.families):
+        if cls.families and not spec.name.startswith(cls.families):
             raise ValueError(
                 f"{cls.__name__} runs {' / '.join(f'{f}-*' for f in cls.families)} variants, not "
                 f"{spec.name!r}; use the class of that family"
