@@ -22,12 +22,13 @@ from . import __version__
 from .checkpoint import CheckpointError, load_dit
 from .devices import parse_dtype, resolve_device
 from .hub import resolve_dit_files, resolve_pipeline_files
-from .images import area_preserving_size, cover_and_crop, nearest_resolution, to_model_input
-from .media import Image, Video, frames_from_vae_output, load_image
+from .images import cover_and_crop, to_model_input
+from .media import Image, Video, frames_from_vae_output
 from .models import CrossDiT
 from .offload import Placement
 from .pipeline import Conditioning, PromptEmbeddings, sample_latents
-from .sampling import initial_noise, latent_frames, random_seed, timestep_grid, valid_num_frames
+from .request import plan_generation
+from .sampling import initial_noise, latent_frames, timestep_grid
 from .variants import Variant, get_variant, resolve_model_name, variant_for_folder, variant_for_repo
 
 __all__ = [
@@ -183,38 +184,28 @@ class Kandinsky5Model:
         path or PIL image) animates a first frame (I2V variants) or is edited (image editing).
         """
         started = _time.perf_counter()
-        v, d = self.variant, self.variant.sampling
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("prompt must be a non-empty string")
-        negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
-        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = d.guidance_scale if guidance_scale is None else guidance_scale
-        shift = d.shift if shift is None else shift
-        seed = random_seed() if seed is None else seed
-        frames = self._check_frames(num_frames)
-        source = self._load_condition_image(image)
-        height, width = self._pick_size(height, width, source)
-        if steps < 1 or guidance < 0:
-            raise ValueError(f"num_inference_steps must be >= 1 and guidance_scale >= 0, got {steps}, {guidance}")
-
-        use_cfg = abs(guidance - 1.0) > 1e-6
-        pixels = None if source is None else to_model_input(cover_and_crop(source, height, width))
+        r = plan_generation(
+            self.variant, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
+            guidance_scale, seed, image, shift,
+        )  # fmt: skip
+        v = self.variant
+        pixels = None if r.image is None else to_model_input(cover_and_crop(r.image, r.height, r.width))
         with self.placement.use(self.text_encoder):
-            positive, negative = self._encode_prompts(prompt, negative_prompt if use_cfg else None, pixels)
+            positive, negative = self._encode_prompts(r.prompt, r.negative_prompt, pixels)
         conditioning = Conditioning()
         if pixels is not None:
+            generator = torch.Generator().manual_seed(r.seed)
             with self.placement.use(self.vae):
-                latent = self.vae.encode(pixels.to(self.vae.device), generator=torch.Generator().manual_seed(seed))
-            conditioning = (
-                Conditioning(first_frame=latent[:, 0]) if v.task == "i2v" else Conditioning(edit_latent=latent)
-            )
+                latent = self.vae.encode(pixels.to(self.vae.device), generator=generator)
+            i2v = v.task == "i2v"
+            conditioning = Conditioning(first_frame=latent[:, 0]) if i2v else Conditioning(edit_latent=latent)
 
-        shape = (1, latent_frames(frames), height // 8, width // 8, self.dit.config.in_visual_dim)
-        noise = initial_noise(shape, seed, device=self.device)
+        shape = (1, latent_frames(r.num_frames), r.height // 8, r.width // 8, self.dit.config.in_visual_dim)
+        noise = initial_noise(shape, r.seed, device=self.device)
         with self.placement.use(self.dit):
             latents = sample_latents(
-                self.dit, positive, negative, noise, timestep_grid(steps, shift),
-                guidance_scale=guidance, rope_scale=d.rope_scale,
+                self.dit, positive, negative, noise, timestep_grid(r.num_inference_steps, r.shift),
+                guidance_scale=r.guidance_scale, rope_scale=v.sampling.rope_scale,
                 conditioning=_to_device(conditioning, self.device),
                 visual_attention=self._visual_attention(shape), progress=progress,
                 callback=callback_on_step_end,
@@ -222,55 +213,15 @@ class Kandinsky5Model:
         with self.placement.use(self.vae):
             decoded = self.vae.decode(latents.to(self.vae.device))  # (1, 3, F', H, W)
         metadata = {
-            "prompt": prompt, "negative_prompt": negative_prompt if use_cfg else None, "seed": seed,
-            "model": v.name, "steps": steps, "guidance_scale": guidance, "shift": shift,
-            "height": height, "width": width, "kandinsky5_version": __version__,
+            "prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": r.seed, "model": v.name,
+            "steps": r.num_inference_steps, "guidance_scale": r.guidance_scale, "shift": r.shift,
+            "height": r.height, "width": r.width, "kandinsky5_version": __version__,
         }  # fmt: skip
         logger.info("generated %s in %.1f s", "video" if v.is_video else "image", _time.perf_counter() - started)
         if not v.is_video:
             return Image.from_tensor(decoded[0, :, 0].cpu(), metadata=metadata)
-        return Video(frames_from_vae_output(decoded[0, :, :frames].cpu()), fps=d.fps, metadata=metadata)
-
-    def _check_frames(self, num_frames: int | None) -> int:
-        v = self.variant
-        if not v.is_video:
-            if num_frames not in (None, 1):
-                raise ValueError(f"{v.name} makes images: num_frames must be 1 or None, got {num_frames}")
-            return 1
-        frames = v.sampling.num_frames if num_frames is None else num_frames
-        if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= v.max_num_frames:
-            raise ValueError(f"num_frames must be an integer from 1 to {v.max_num_frames} for {v.name}, got {frames}")
-        if valid_num_frames(frames) != frames:
-            logger.info("generating %d frames (4k+1) and returning the first %d", valid_num_frames(frames), frames)
-        return frames
-
-    def _load_condition_image(self, image):
-        task = self.variant.task
-        if image is None:
-            if task == "i2v":
-                raise ValueError(f"{self.variant.name} animates an image: pass image=PATH")
-            return None
-        if task not in ("i2v", "i2i"):
-            raise ValueError(f"{self.variant.name} is text-only ({task}); use an I2V or editing variant for image=")
-        return load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
-
-    def _pick_size(self, height: int | None, width: int | None, source) -> tuple[int, int]:
-        v, d = self.variant, self.variant.sampling
-        if height is None and width is None and source is not None:
-            size = (source.height, source.width)
-            if v.task == "i2i":
-                height, width = nearest_resolution(size, v.resolutions)
-            else:
-                height, width = area_preserving_size(size, d.height * d.width, v.size_multiple)
-        height = d.height if height is None else height
-        width = d.width if width is None else width
-        m = v.size_multiple
-        if height < m or width < m or height % m or width % m:
-            fix = f"{max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}"
-            raise ValueError(
-                f"{v.name} needs height and width in multiples of {m} pixels, got {height}x{width}; try {fix}"
-            )
-        return height, width
+        frames = frames_from_vae_output(decoded[0, :, : r.num_frames].cpu())
+        return Video(frames, fps=v.sampling.fps, metadata=metadata)
 
     def _encode_prompts(self, prompt: str, negative: str | None, pixels: torch.Tensor | None):
         spec = self.variant.text
