@@ -150,7 +150,10 @@ BAD_REQUESTS = {
     "missing image": (["-m", "video-lite-i2v-5s", "--image", "cat.jpg"], ["--image cat.jpg", "not found"]),
     "not an image": (["-m", "video-lite-i2v-5s", "--image", "not-an-image.png"], ["not an image"]),
     "no image for i2v": (["-m", "video-lite-i2v-5s"], ["animates an image", "--image"]),
-    "image for t2v": (["-m", "video-lite-5s-sft", "--image", "not-an-image.png"], ["takes text only", "image-to-video"]),
+    "image for t2v": (
+        ["-m", "video-lite-5s-sft", "--image", "not-an-image.png"],
+        ["takes text only", "image-to-video"],
+    ),
     "video suffix for an image": (["-m", "image-lite", "-o", "out.mp4"], ["unsupported suffix .mp4", ".png"]),
     "unsupported suffix": (["-m", "video-lite-5s-sft", "-o", "out.avi"], ["unsupported suffix .avi", ".mp4"]),
     "folder under a file": (["-m", "video-lite-5s-sft", "-o", "not-an-image.png/out.mp4"], ["cannot create folder"]),
