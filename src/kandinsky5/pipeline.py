@@ -37,7 +37,8 @@ class Conditioning:
 
     first_frame: I2V. The clean latent of the input image (B, H, W, C); it replaces frame 0 of the
         noisy latent before every step and in the result, and the mask channel is 1 on frame 0.
-        The condition channels stay zero, as in the official code (diffusers fills them instead).
+        The condition channels stay zero, as in the official code (and diffusers 0.42.1); diffusers'
+        first-frame normalisation differs (joint statistics over frames 0-3 and the batch).
     edit_latent: image editing. The latent of the source image (B, 1, H, W, C), placed in the
         condition channels with the mask channel set to 1.
     """

@@ -91,4 +91,5 @@ def test_fractal_order_with_dense_attention_changes_nothing(
     # ...and the output comes back in raster order, equal to dense attention without NABLA.
     assert torch.equal(via_raster, plain)
     assert plain.std() > 0.5
-    torch.testing.assert_close(via_fractal, plain, rtol=0, atol=1e-5)
+    # bf16 q/k rounding turns summation-order noise into ~2e-5
+    torch.testing.assert_close(via_fractal, plain, rtol=0, atol=1e-4)

@@ -36,12 +36,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     x: (B, S, D); shift, scale: (B, 1, D) fp32.
     """
     normed = F.layer_norm(x.float(), x.shape[-1:], eps=LAYER_NORM_EPS)
-    return torch.addcmul(shift, normed, scale + 1.0).to(x.dtype)
+    return (normed * (scale + 1.0) + shift).to(x.dtype)  # multiply then add, as the official code rounds
 
 
 def gated_residual(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``x + gate·out`` in fp32, rounded to x's dtype (the residual stream's storage dtype)."""
-    return torch.addcmul(x.float(), gate, out.float()).to(x.dtype)
+    return (x.float() + gate * out.float()).to(x.dtype)
 
 
 class TimeEmbeddings(nn.Module):

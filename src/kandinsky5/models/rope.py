@@ -27,7 +27,8 @@ class Rotary:
     attention layer of a forward pass (the 1 broadcasts over heads)."""
 
     def __init__(self, angles: torch.Tensor):
-        self.cis = torch.polar(torch.ones_like(angles), angles).unsqueeze(-2)
+        # cos and sin themselves (torch.polar differs in the last bit, which bf16 q/k rounding amplifies)
+        self.cis = torch.complex(angles.cos(), angles.sin()).unsqueeze(-2)
 
     def __len__(self) -> int:
         return self.cis.shape[0]
