@@ -1,0 +1,138 @@
+"""From a folder of captioned videos and images to the latent cache, with a variant's VAE and text encoders.
+
+Folder layout: any tree of media files, each with its caption in a ``.txt`` file of the same stem::
+
+    data/
+      clips/fox.mp4     clips/fox.txt      ("A red fox runs through fresh snow ...")
+      stills/cat.png    stills/cat.txt
+
+Each file is resized to cover the nearest bucket (by aspect ratio) and centre-cropped to it; a video
+keeps its first ``4k+1`` frames up to ``max_frames`` at its own frame rate (Kandinsky 5 video models
+were trained at 24 fps: convert first). Media without a caption file are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, TrainConfig
+from .data import CacheSummary, DataItem, EncodedVideo, build_cache, nearest_bucket
+
+__all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "encode_folder", "folder_items", "media_encoder", "read_frames"]
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+
+
+def folder_items(data_dir: str | Path) -> list[DataItem]:
+    """Every video or image under ``data_dir`` (sorted by relative path) with its ``.txt`` caption or None."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise ConfigError(f"data_dir: {root} is not a folder")
+    items = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in VIDEO_SUFFIXES | IMAGE_SUFFIXES:
+            continue
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
+        items.append(DataItem(key=path.relative_to(root).as_posix(), media=path, caption=caption))
+    if not items:
+        raise ConfigError(
+            f"data_dir: no videos or images in {root} (looked for {sorted(VIDEO_SUFFIXES | IMAGE_SUFFIXES)})"
+        )
+    return items
+
+
+def read_frames(path: Path, max_frames: int) -> np.ndarray:
+    """(F, H, W, 3) uint8 RGB frames: an image gives F = 1, a video its first 4k+1 <= max_frames frames."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        from ..media import load_image
+
+        return np.array(load_image(path))[None]  # a writable copy
+    import av
+
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if len(frames) >= max_frames:
+                break
+    if not frames:
+        raise ValueError(f"{path}: no video frames")
+    keep = (len(frames) - 1) // 4 * 4 + 1  # the causal VAE takes 4k+1 frames
+    return np.stack(frames[:keep])
+
+
+def fit_to_bucket(frames: np.ndarray, buckets: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Resize to cover the nearest bucket and centre-crop → (3, F, H, W) float in [-1, 1]."""
+    height, width = frames.shape[1:3]
+    target_h, target_w = nearest_bucket(height, width, buckets)
+    scale = max(target_h / height, target_w / width)
+    resized_h, resized_w = max(target_h, round(height * scale)), max(target_w, round(width * scale))
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (F, 3, H, W)
+    x = torch.nn.functional.interpolate(x, size=(resized_h, resized_w), mode="bicubic", antialias=True)
+    top, left = (resized_h - target_h) // 2, (resized_w - target_w) // 2
+    x = x[:, :, top : top + target_h, left : left + target_w]
+    return (x / 127.5 - 1.0).clamp(-1.0, 1.0).permute(1, 0, 2, 3)  # (3, F, H, W)
+
+
+def media_encoder(
+    vae, buckets: Sequence[tuple[int, int]], max_frames: int, with_condition: bool = False, seed: int = 0
+) -> Callable[[Path], EncodedVideo]:
+    """``encode_video_fn`` for :func:`build_cache`: file → latent (and the first-frame latent for I2V).
+
+    Posterior samples come from a CPU generator seeded from ``seed`` and the file name, so a cache is
+    reproducible and files do not all share one noise pattern.
+    """
+
+    def encode(path: Path) -> EncodedVideo:
+        path = Path(path)
+        file_seed = (seed * 2**32 + zlib.crc32(path.name.encode())) % 2**63
+        pixels = fit_to_bucket(read_frames(path, max_frames), buckets)[None]  # (1, 3, F, H, W)
+        latent = vae.encode(pixels, generator=torch.Generator().manual_seed(file_seed))[0]
+        condition = None
+        if with_condition:
+            first = pixels[:, :, :1]
+            condition = vae.encode(first, generator=torch.Generator().manual_seed(file_seed + 1))[0, 0]
+        return EncodedVideo(latent=latent, condition=condition)
+
+    return encode
+
+
+def encode_folder(config: TrainConfig, *, vae=None, text_encoder=None) -> CacheSummary:
+    """Build ``config.cache_dir`` from ``config.data_dir`` with the variant's VAE and text encoders.
+
+    ``vae`` / ``text_encoder`` replace the variant's components (already loaded ones, or tiny test ones).
+    """
+    variant = config.variant
+    if variant is None or config.data_dir is None:
+        raise ConfigError("data_dir: encoding media needs model = a variant name (it names the VAE and text encoders)")
+    if variant.task == "i2i":
+        raise ConfigError(f"data_dir: {variant.name} is an editing model; encoding edit pairs is not supported")
+    items = folder_items(config.data_dir)
+    from ..devices import resolve_device
+
+    device = resolve_device(config.device)
+    if vae is None:
+        from ..vae import ImageVAE, VideoVAE
+
+        vae_class = VideoVAE if variant.is_video else ImageVAE
+        vae = vae_class.from_pretrained(variant.vae_repo_id, subfolder=variant.vae_subfolder, device=device)
+    if text_encoder is None:
+        from ..text import TextEncoder
+
+        text_encoder = TextEncoder.from_spec(variant.text, device=device)
+    spec = variant.text
+
+    def encode_text(caption: str):
+        return text_encoder.encode([caption], spec.template, spec.qwen_max_length)
+
+    buckets = config.buckets or variant.resolutions
+    max_frames = config.max_frames or variant.max_num_frames
+    encode_media = media_encoder(vae, buckets, max_frames, with_condition=variant.task == "i2v", seed=config.seed)
+    return build_cache(items, encode_media, encode_text, config.cache_dir, config.shard_size)
