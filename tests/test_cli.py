@@ -370,3 +370,13 @@ def test_download_to_a_folder_that_generate_reads(tiny_repo, tmp_path, monkeypat
     out = tmp_path / "fox.mp4"
     assert main(["generate", "a fox", "-m", str(target), *variant_args, "-o", str(out), "--frames", "1"]) == 0
     assert _decode(out)[0] == 1
+
+
+def test_train_reports_a_bad_config_in_one_line(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('model = "video-lite-5s-sft"\nlearning_rate_typo = 1\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "kandinsky5.cli", "train", str(config)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "learning_rate_typo" in result.stderr and "Traceback" not in result.stderr

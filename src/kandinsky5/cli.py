@@ -503,7 +503,41 @@ def _link_or_copy(source: Path, target: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 # Add a subcommand by writing an _add_<name> function like _add_models and listing it here.
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_models, _add_generate, _add_download)
+# --------------------------------------------------------------------------------------------------
+# kandinsky5 train
+# --------------------------------------------------------------------------------------------------
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune or train a model from a TOML/YAML config",
+        description="Train with flow matching from a config file (every field is documented in docs/training.md).\n"
+        "A run resumes automatically from the newest checkpoint in its output_dir.",
+        epilog="example:\n  kandinsky5 train my_run.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", metavar="CONFIG", help="a .toml (or .yaml) training config")
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from kandinsky5.train import main_train
+
+    if not Path(args.config).is_file():
+        raise _Failure(f"config not found: {args.config}")
+    try:
+        return main_train(args.config)
+    except ValueError as err:  # config and cache errors carry a message meant for the user
+        raise _Failure(_message(err)) from None
+
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_models,
+    _add_generate,
+    _add_download,
+    _add_train,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
