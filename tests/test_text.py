@@ -21,7 +21,7 @@ from kandinsky5.text import (
     TextEncoder,
     template_crop_start,
 )
-from tiny_components import CLIP_HIDDEN, QWEN_HIDDEN, QWEN_MERGE, QWEN_PATCH, save_tiny_clip, save_tiny_qwen
+from tests.tiny_components import CLIP_HIDDEN, QWEN_HIDDEN, QWEN_MERGE, QWEN_PATCH, save_tiny_clip, save_tiny_qwen
 
 CAT = "a cat sits on a mat"
 FOX = "A red fox runs through fresh snow at dawn, the camera follows it from the side."

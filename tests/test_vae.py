@@ -9,7 +9,7 @@ import torch
 from huggingface_hub import constants
 
 from kandinsky5.vae import FLUX_SCALING_FACTOR, HUNYUAN_SCALING_FACTOR, ImageVAE, VideoVAE
-from tiny_components import (
+from tests.tiny_components import (
     build_tiny_flux_vae,
     build_tiny_hunyuan_vae,
     save_tiny_flux_vae,
