@@ -34,6 +34,4 @@ def fractal_flatten(x: torch.Tensor) -> torch.Tensor:
 def fractal_unflatten(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     """Exact inverse of ``fractal_flatten``: (B, S, D) → (B, T, H, W, D)."""
     t, h, w = grid
-    return rearrange(
-        x, "b (t hb wb p q) d -> b t (hb p) (wb q) d", t=t, hb=h // TILE, wb=w // TILE, p=TILE, q=TILE
-    )
+    return rearrange(x, "b (t hb wb p q) d -> b t (hb p) (wb q) d", t=t, hb=h // TILE, wb=w // TILE, p=TILE, q=TILE)
