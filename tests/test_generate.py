@@ -195,3 +195,19 @@ def test_load_returns_the_family_class(tiny):
 
     _, name, repo = tiny("t2i")
     assert type(kandinsky5.load(repo, variant=name, device="cpu")) is Kandinsky5ImageLite
+
+
+def test_nabla_can_be_switched_on_and_reports_kept_blocks(tiny):
+    from kandinsky5.config import NablaConfig
+
+    cls, name, repo = tiny("t2v")
+    model = cls.from_pretrained(repo, variant=name, device="cpu")
+    kwargs = dict(height=128, width=128, num_frames=5, seed=2, progress=False)
+    dense = model.generate("a fox", attention="dense", **kwargs)
+    model.record_attention_stats = True
+    full = model.generate("a fox", attention="nabla", nabla=NablaConfig(P=1.0), **kwargs)
+    assert np.abs(dense.frames.astype(int) - full.frames.astype(int)).max() <= 1, "P = 1 keeps every block"
+    assert len(model.last_attention.stats) == 2 * 2  # one record per layer per step (CFG runs as one batch)
+    assert model.last_attention.stats_per_layer(model.dit.config.num_visual_blocks) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="128 pixels"):
+        model.generate("a fox", attention="nabla", height=32, width=32, num_frames=5, progress=False)

@@ -20,11 +20,12 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointError, load_dit
+from .config import NablaConfig
 from .devices import parse_dtype, resolve_device
 from .hub import resolve_dit_files, resolve_pipeline_files
 from .images import cover_and_crop, to_model_input
 from .media import Image, Video, frames_from_vae_output
-from .models import CrossDiT
+from .models import CrossDiT, NablaAttention, visual_attention_for
 from .offload import Placement
 from .pipeline import Conditioning, PromptEmbeddings, sample_latents
 from .request import plan_generation
@@ -89,6 +90,8 @@ class Kandinsky5Model:
         self.vae = vae
         self.device = device
         self.placement = Placement(device)
+        self.record_attention_stats = False  # NABLA: record the kept-block fraction of every call
+        self.last_attention = None  # the visual attention of the last generate (its stats, if recorded)
 
     # ------------------------------------------------------------------------------------- loading
 
@@ -176,12 +179,19 @@ class Kandinsky5Model:
         shift: float | None = None,
         progress: bool = True,
         callback_on_step_end: StepCallback | None = None,
+        *,
+        attention: str | None = None,
+        nabla: NablaConfig | None = None,
     ) -> Video | Image:
         """Generate from ``prompt``; anything not given takes the variant's default.
 
         ``num_frames`` may be any count ≥ 1 up to the variant's maximum: the model works on 4k+1
         frames, so we generate the next valid count and return exactly ``num_frames``. ``image`` (a
         path or PIL image) animates a first frame (I2V variants) or is edited (image editing).
+        ``attention`` switches NABLA block-sparse attention on ("nabla", with ``nabla`` overriding the
+        threshold and window) or off ("dense") whatever the variant ships; NABLA needs sizes in multiples of
+        128 pixels. With ``record_attention_stats`` set, ``last_attention.stats_per_layer(n)`` afterwards
+        gives the kept-block fraction per layer.
         """
         started = _time.perf_counter()
         r = plan_generation(
@@ -201,13 +211,14 @@ class Kandinsky5Model:
             conditioning = Conditioning(first_frame=latent[:, 0]) if i2v else Conditioning(edit_latent=latent)
 
         shape = (1, latent_frames(r.num_frames), r.height // 8, r.width // 8, self.dit.config.in_visual_dim)
+        self.last_attention = self._visual_attention(shape, attention, nabla)
         noise = initial_noise(shape, r.seed, device=self.device)
         with self.placement.use(self.dit):
             latents = sample_latents(
                 self.dit, positive, negative, noise, timestep_grid(r.num_inference_steps, r.shift),
                 guidance_scale=r.guidance_scale, rope_scale=v.sampling.rope_scale,
                 conditioning=_to_device(conditioning, self.device),
-                visual_attention=self._visual_attention(shape), progress=progress,
+                visual_attention=self.last_attention, progress=progress,
                 callback=callback_on_step_end,
             )  # fmt: skip
         with self.placement.use(self.vae):
@@ -236,8 +247,17 @@ class Kandinsky5Model:
 
         return encode(prompt), None if negative is None else encode(negative)
 
-    def _visual_attention(self, latent_shape: tuple[int, ...]):
-        return None  # dense attention; NABLA variants plug in here
+    def _visual_attention(self, latent_shape: tuple[int, ...], attention: str | None, nabla: NablaConfig | None):
+        """The variant's visual self-attention (NABLA for 10 s and HD variants), or the caller's choice."""
+        kind = attention or self.variant.attention
+        if kind not in ("dense", "nabla"):
+            raise ValueError(f"attention must be 'dense' or 'nabla', got {attention!r}")
+        pt, ph, pw = self.dit.config.patch_size
+        grid = (latent_shape[1] // pt, latent_shape[2] // ph, latent_shape[3] // pw)
+        config = nabla or self.variant.nabla
+        if kind == "nabla":
+            return NablaAttention(grid, config, record_stats=self.record_attention_stats)
+        return visual_attention_for("dense", grid, backend="sdpa")
 
 
 def load(

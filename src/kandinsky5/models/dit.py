@@ -117,6 +117,8 @@ class CrossDiT(nn.Module):
 
         visual = self.visual_embeddings(x)  # (B, T', H', W', D)
         grid = tuple(visual.shape[1:4])
+        if getattr(visual_attention, "grid", grid) != grid:
+            raise ValueError(f"visual_attention was built for token grid {visual_attention.grid}, got {grid}")
         rope = rope_3d(grid, c.axes_dims, rope_scale, x.device)
         fractal = visual_attention is not None and visual_attention.fractal
         if fractal:
