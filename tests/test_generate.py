@@ -127,8 +127,9 @@ def test_local_folder_finds_its_variant_from_the_checkpoint_name(tiny, tmp_path)
     assert model.variant.name == name
 
 
-def test_image_to_video_animates_the_given_image(tiny, tmp_path):
-    cls, name, repo = tiny("i2v")
+@pytest.mark.parametrize("layout", ["diffusers", "official"])
+def test_image_to_video_animates_the_given_image(tiny, tmp_path, layout):
+    cls, name, repo = tiny("i2v", layout)
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
     image.save(tmp_path / "first.png")
     model = cls.from_pretrained(repo, variant=name, device="cpu")
@@ -139,9 +140,10 @@ def test_image_to_video_animates_the_given_image(tiny, tmp_path):
         model.generate("no image given", progress=False)
 
 
+@pytest.mark.parametrize("layout", ["diffusers", "official"])
 @pytest.mark.parametrize("task", ["t2i", "i2i"])
-def test_images_have_the_asked_size(tiny, tmp_path, task):
-    cls, name, repo = tiny(task, "official")
+def test_images_have_the_asked_size(tiny, tmp_path, task, layout):
+    cls, name, repo = tiny(task, layout)
     model = cls.from_pretrained(repo, variant=name, device="cpu")
     source = PIL.Image.new("RGB", (50, 30), (200, 40, 40)) if task == "i2i" else None
     image = model.generate("a blue square", height=32, width=48, image=source, seed=1, progress=False)
