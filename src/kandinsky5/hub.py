@@ -213,16 +213,27 @@ def _resolve_repo(
         return ResolvedCheckpoint([_official_file(folder, known)], "official", None, name)
     except _NotFound as err:  # a cached snapshot that lacks some files
         raise _missing(repo_id, err.names, name, "the cached snapshot is incomplete", cache_dir) from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+    except _HUB_ERRORS as err:
+        raise _hub_error(err, repo_id, expected, name, cache_dir) from None
+
+
+# What huggingface_hub raises for a file it cannot provide (LocalEntryNotFoundError: not cached, offline).
+_HUB_ERRORS = (EntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError)
+
+
+def _hub_error(
+    err: Exception, repo_id: str, expected: list[str], variant: str | None, cache_dir: str | Path | None
+) -> CheckpointError:
+    """One clear error for whatever huggingface_hub raised while fetching ``expected`` from ``repo_id``."""
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         reason = "HF_HUB_OFFLINE=1 is set" if constants.is_offline_mode() else _first_line(err)
-        raise _missing(repo_id, expected, name, reason, cache_dir) from None
-    except RepositoryNotFoundError:
-        raise CheckpointError(
+        return _missing(repo_id, expected, variant, reason, cache_dir)
+    if isinstance(err, RepositoryNotFoundError):
+        return CheckpointError(
             f"cannot access {repo_id}: it does not exist, is private or is gated "
             "(log in with `hf auth login` and accept its licence on the Hub)"
-        ) from None
-    except (EntryNotFoundError, HfHubHTTPError) as err:
-        raise CheckpointError(f"cannot download {repo_id}: {_first_line(err)}") from None
+        )
+    return CheckpointError(f"cannot download {repo_id}: {_first_line(err)}")
 
 
 def _same_repo(a: str | None, b: str) -> bool:
@@ -345,13 +356,5 @@ def _fetch(repo_id: str, patterns: list[str], cache_dir: str | Path | None, vari
     """A snapshot of ``repo_id`` restricted to ``patterns``, from the cache or the network."""
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
-        reason = "HF_HUB_OFFLINE=1 is set" if constants.is_offline_mode() else _first_line(err)
-        raise _missing(repo_id, patterns, variant, reason, cache_dir) from None
-    except RepositoryNotFoundError:
-        raise CheckpointError(
-            f"cannot access {repo_id}: it does not exist, is private or is gated "
-            "(log in with `hf auth login` and accept its licence on the Hub)"
-        ) from None
-    except HfHubHTTPError as err:
-        raise CheckpointError(f"cannot download {repo_id}: {_first_line(err)}") from None
+    except _HUB_ERRORS as err:
+        raise _hub_error(err, repo_id, patterns, variant, cache_dir) from None
