@@ -11,8 +11,9 @@ One class per family; they share everything below and differ only in which varia
 from __future__ import annotations
 
 import logging
+import math
 import time as _time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,6 +25,7 @@ from .config import NablaConfig
 from .devices import parse_dtype, resolve_device
 from .hub import resolve_dit_files, resolve_pipeline_files
 from .images import cover_and_crop, to_model_input
+from .lora import LoraWeights, apply_loras, read_lora
 from .media import Image, Video, frames_from_vae_output
 from .models import CrossDiT, NablaAttention, visual_attention_for
 from .offload import Placement
@@ -182,6 +184,8 @@ class Kandinsky5Model:
         *,
         attention: str | None = None,
         nabla: NablaConfig | None = None,
+        lora: str | Path | Sequence[str | Path] | None = None,
+        lora_scale: float | Sequence[float] = 1.0,
     ) -> Video | Image:
         """Generate from ``prompt``; anything not given takes the variant's default.
 
@@ -192,8 +196,13 @@ class Kandinsky5Model:
         threshold and window) or off ("dense") whatever the variant ships; NABLA needs sizes in multiples of
         128 pixels. With ``record_attention_stats`` set, ``last_attention.stats_per_layer(n)`` afterwards
         gives the kept-block fraction per layer.
+
+        ``lora``: one LoRA file (diffusers Kandinsky 5 format, peft or kohya naming; docs/training.md) or
+        a list of them, applied for this call only with strength ``lora_scale`` (one value, or one per
+        file); the DiT is the base model again afterwards, and strength 0 gives exactly the base output.
         """
         started = _time.perf_counter()
+        loras = self._read_loras(lora, lora_scale)  # checked before any work
         r = plan_generation(
             self.variant, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
             guidance_scale, seed, image, shift,
@@ -213,7 +222,7 @@ class Kandinsky5Model:
         shape = (1, latent_frames(r.num_frames), r.height // 8, r.width // 8, self.dit.config.in_visual_dim)
         self.last_attention = self._visual_attention(shape, attention, nabla)
         noise = initial_noise(shape, r.seed, device=self.device)
-        with self.placement.use(self.dit):
+        with self.placement.use(self.dit), apply_loras(self.dit, loras):
             latents = sample_latents(
                 self.dit, positive, negative, noise, timestep_grid(r.num_inference_steps, r.shift),
                 guidance_scale=r.guidance_scale, rope_scale=v.sampling.rope_scale,
@@ -228,11 +237,27 @@ class Kandinsky5Model:
             "steps": r.num_inference_steps, "guidance_scale": r.guidance_scale, "shift": r.shift,
             "height": r.height, "width": r.width, "kandinsky5_version": __version__,
         }  # fmt: skip
+        if loras:
+            metadata["lora"] = [[str(weights.path), strength] for weights, strength in loras]
         logger.info("generated %s in %.1f s", "video" if v.is_video else "image", _time.perf_counter() - started)
         if not v.is_video:
             return Image.from_tensor(decoded[0, :, 0].cpu(), metadata=metadata)
         frames = frames_from_vae_output(decoded[0, :, : r.num_frames].cpu())
         return Video(frames, fps=v.sampling.fps, metadata=metadata)
+
+    def _read_loras(
+        self, lora: str | Path | Sequence[str | Path] | None, scale: float | Sequence[float]
+    ) -> list[tuple[LoraWeights, float]]:
+        """``generate``'s ``lora`` and ``lora_scale`` as (weights, strength) pairs, checked against the DiT."""
+        if lora is None:
+            return []
+        paths = [lora] if isinstance(lora, (str, Path)) else list(lora)
+        scales = [scale] * len(paths) if isinstance(scale, (int, float)) else list(scale)
+        if len(scales) != len(paths):
+            raise ValueError(f"lora_scale: give one value, or one per LoRA ({len(paths)}); got {len(scales)}")
+        if not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scales):
+            raise ValueError(f"lora_scale: strengths must be finite numbers, got {scales}")
+        return [(read_lora(path, self.dit.config), float(s)) for path, s in zip(paths, scales, strict=True)]
 
     def _encode_prompts(self, prompt: str, negative: str | None, pixels: torch.Tensor | None):
         spec = self.variant.text

@@ -17,7 +17,7 @@ nowhere else so that a future rename touches one function.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -275,14 +275,16 @@ def save_dit(
     layout: Layout = "official",
     *,
     max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> list[Path]:
     """Save ``model``'s weights atomically, each tensor in its current dtype; returns the files written.
 
     ``official``: ``path`` is the ``.safetensors`` file. ``diffusers``: ``path`` is the repository
     folder; writes ``transformer/config.json`` and ``diffusion_pytorch_model.safetensors``, or shards of
     at most ``max_shard_size`` bytes plus their index, and removes weight files of an earlier save.
+    ``state``: the tensors to write instead of ``model.state_dict()`` (e.g. gathered from FSDP shards).
     """
-    path, state = Path(path), model.state_dict()
+    path, state = Path(path), dict(model.state_dict() if state is None else state)
     if layout == "official":
         write_safetensors(path, state)
         return [path]

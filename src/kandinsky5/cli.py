@@ -194,6 +194,8 @@ examples:
   kandinsky5 generate "a bowl of cherries on a marble table" -m image-lite --size 1024x1024 -o cherries.png
       an image variant writes one picture (.png, .jpg or .webp)
   kandinsky5 generate "a fox" -m ./weights --variant video-lite-5s-sft --steps 30 --device cuda:1
+  kandinsky5 generate "a fox in watercolour" -m video-lite-5s-sft --lora runs/fox/final/lora.safetensors:0.8
+      with a LoRA (diffusers Kandinsky 5 format) at strength 0.8; repeat --lora to stack several
 
 Defaults (size, frames, steps, guidance, shift) are the variant's; `kandinsky5 models` lists them.
 Without -o the file is named after the prompt in the current folder, followed by -2, -3, ... when
@@ -237,6 +239,13 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, metavar="N", help="random seed; the same seed gives the same result")
     parser.add_argument("--negative", metavar="TEXT", help="negative prompt (default: the variant's)")
     parser.add_argument("--image", metavar="PATH", help="first frame (image-to-video) or picture to edit")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA .safetensors file (diffusers Kandinsky 5 format), at strength SCALE (default 1); repeatable",
+    )
     parser.add_argument("--offload", action="store_true", help="keep the parts in host memory until each one runs")
     parser.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1 or mps (default: the best one present)")
     parser.add_argument("--dtype", metavar="D", help="bf16, fp16 or fp32 (default: bf16 on accelerators, fp32 on CPU)")
@@ -252,6 +261,7 @@ class _Request:
     variant: Variant
     output: Path
     generation: GenerationRequest
+    loras: tuple[tuple[Path, float], ...] = ()  # --lora: (file, strength), checked against the variant's DiT
 
 
 def _plan(args: argparse.Namespace) -> _Request:
@@ -269,7 +279,25 @@ def _plan(args: argparse.Namespace) -> _Request:
         args.seed, None if image is None else Path(image).expanduser(), args.shift,
     )  # fmt: skip
     output = _output_path(args.output, variant, args.prompt, args.overwrite)
-    return _Request(source, variant, output, generation)
+    loras = tuple(_lora(text, variant) for text in args.lora)
+    return _Request(source, variant, output, generation, loras)
+
+
+def _lora(text: str, variant: Variant) -> tuple[Path, float]:
+    """(file, strength) from --lora PATH[:SCALE], the file checked against the variant's DiT (header only)."""
+    from kandinsky5.lora import read_lora
+
+    path, scale = text, 1.0
+    head, colon, tail = text.rpartition(":")
+    if colon and not Path(text).expanduser().exists():
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass  # a colon inside the path (C:\\...); the file check below reports it if it does not exist
+    if not math.isfinite(scale):
+        raise ValueError(f"--lora {text}: SCALE must be a finite number")
+    weights = read_lora(path, variant.dit, load=False)
+    return weights.path, scale
 
 
 def _num_frames(variant: Variant, frames: int | None, seconds: float | None) -> int | None:
@@ -353,7 +381,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         result = model.generate(
             g.prompt, negative_prompt=g.negative_prompt, num_frames=g.num_frames, height=g.height, width=g.width,
             num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale, seed=g.seed, image=g.image,
-            shift=g.shift, progress=True,
+            shift=g.shift, progress=True, lora=[path for path, _ in request.loras] or None,
+            lora_scale=[scale for _, scale in request.loras],
         )  # fmt: skip
     except ValueError as err:  # the API's own input checks; ours above should have caught them first
         raise _Failure(_message(err)) from None

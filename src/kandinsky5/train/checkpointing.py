@@ -2,7 +2,8 @@
 
 One checkpoint is one folder ``output_dir/checkpoints/step_XXXXXXX/``::
 
-    model.safetensors       the DiT weights (official key names: loads with kandinsky5.checkpoint.load_dit)
+    model.safetensors       the DiT weights (official key names: loads with kandinsky5.checkpoint.load_dit);
+                            in LoRA runs only the trainable adapter tensors (the frozen base comes from the config)
     optimizer.safetensors   optimizer state tensors, keyed "<parameter name>/<state key>" (e.g. ".../exp_avg")
     rng.safetensors         torch CPU and CUDA RNG states and the trainer's own generators
     state.json              written last: step, optimizer hyper-parameters, LR scheduler, sampler position,
@@ -64,6 +65,13 @@ def step_dir_name(step: int) -> str:
 
 def _parameter_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
+
+
+def _model_tensors(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The model tensors a checkpoint holds: the whole state dict, or only the parameters that train."""
+    if not trainable_only:
+        return model.state_dict()
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _split_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -174,6 +182,7 @@ def save_checkpoint(
     sampler: Mapping[str, int] | None = None,
     extra: Mapping[str, Any] | None = None,
     keep_last_k: int | None = None,
+    trainable_only: bool = False,
 ) -> Path:
     """Write ``checkpoints/step_XXXXXXX`` atomically and keep only the newest ``keep_last_k`` checkpoints.
 
@@ -181,6 +190,9 @@ def save_checkpoint(
     sampler position; ``extra`` any JSON-able trainer values. Returns the checkpoint folder. On failure
     (e.g. OSError for a full disk) the temporary folder is removed, the error re-raised, and the
     previous checkpoints stay as they were.
+
+    ``trainable_only``: save only the parameters that train (LoRA adapters); the frozen base is rebuilt
+    from the run's config on resume, and ``load_checkpoint`` loads such a file into those parameters.
     """
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -196,7 +208,7 @@ def save_checkpoint(
     temp = root / f"{_TEMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
     temp.mkdir()
     try:
-        write_safetensors(temp / MODEL, model.state_dict())
+        write_safetensors(temp / MODEL, _model_tensors(model, trainable_only))
         optimizer_tensors, optimizer_meta = _split_optimizer(model, optimizer)
         write_safetensors(temp / OPTIMIZER, optimizer_tensors)
         rng_tensors, rng_meta = _rng_state(generators or {})
@@ -205,6 +217,7 @@ def save_checkpoint(
             "format": FORMAT,
             "version": VERSION,
             "step": step,
+            "model_tensors": "trainable" if trainable_only else "all",
             "files": [MODEL, OPTIMIZER, RNG],
             "optimizer": optimizer_meta,
             "scheduler": None if scheduler is None else _jsonable_scheduler(scheduler),
@@ -300,7 +313,7 @@ def load_checkpoint(
         raise CheckpointError(f"{folder}: incomplete or damaged checkpoint; use latest_checkpoint() to pick one")
     state = _read_state(folder)
 
-    targets = model.state_dict()
+    targets = _model_tensors(model, state.get("model_tensors") == "trainable")
     with safe_open(folder / MODEL, framework="pt") as f:
         saved = set(f.keys())
         missing, unexpected = sorted(set(targets) - saved), sorted(saved - set(targets))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import DiTConfig
+from ..lora import DEFAULT_TARGETS, target_errors
 
 __all__ = ["ConfigError", "TrainConfig", "load_config"]
 
@@ -43,6 +44,11 @@ class TrainConfig:
     weights: str | None = None  # file, folder or Hub repo to start from; None = the variant's official weights
     rope_scale: tuple[float, float, float] | None = None  # None = the variant's, (1, 1, 1) for a DiTConfig
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
+
+    # --- LoRA (lora_rank = 0: full fine-tune) ----------------------------------------------------------
+    lora_rank: int = 0  # > 0: freeze the DiT and train rank-r adapters on the linears named by lora_targets
+    lora_alpha: float | None = None  # adapter scale is lora_alpha / lora_rank; None = lora_rank (scale 1)
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # layers inside each block; see kandinsky5.lora.TARGETS
 
     # --- data ----------------------------------------------------------------------------------------
     cache_dir: str = "cache"  # latent cache (safetensors shards + manifest.json), see train/data.py
@@ -109,6 +115,10 @@ class TrainConfig:
         return self.variant.sampling.rope_scale if self.variant is not None else (1.0, 1.0, 1.0)
 
     @property
+    def resolved_lora_alpha(self) -> float:
+        return float(self.lora_rank) if self.lora_alpha is None else self.lora_alpha
+
+    @property
     def resolved_shift(self) -> float:
         if self.timestep_shift is not None:
             return self.timestep_shift
@@ -168,6 +178,15 @@ def _value_errors(c: TrainConfig) -> list[str]:
         )
     if c.buckets is not None:
         need(len(c.buckets) > 0, "buckets: give at least one [height, width] pair, or leave it out")
+    need(c.lora_rank >= 0, f"lora_rank: must be >= 0 (0 = full fine-tune), got {c.lora_rank}")
+    if c.lora_rank > 0:
+        need(c.lora_alpha is None or c.lora_alpha > 0, f"lora_alpha: must be > 0, got {c.lora_alpha}")
+        errors.extend(target_errors(c.lora_targets))
+    else:
+        need(c.lora_alpha is None, "lora_alpha: only used with lora_rank > 0; remove it or set lora_rank")
+        need(
+            c.lora_targets == DEFAULT_TARGETS, "lora_targets: only used with lora_rank > 0; remove it or set lora_rank"
+        )
     if c.device is not None:
         need(
             c.device.split(":")[0] in ("cpu", "cuda", "mps"), f"device: use cpu, cuda, cuda:N or mps, not {c.device!r}"

@@ -31,12 +31,14 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write, write_json_durable
 from ..devices import resolve_device
+from ..lora import add_lora
 from ..models.dit import CrossDiT
 from ..pipeline import Conditioning
 from ..sampling import TIMESTEP_SCALE
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config
 from .data import BucketSampler, CacheError, CacheSummary, LatentBatch, LatentDataset, collate
+from .export import export_final, final_files
 from .loss import flow_matching_loss, interpolate, sample_timesteps
 
 __all__ = [
@@ -85,9 +87,11 @@ def build_model(config: TrainConfig, device: torch.device, *, empty: bool = Fals
 
     ``empty``: allocate without initialising (the caller loads a checkpoint over every tensor).
     Otherwise ``init="random"`` uses the (already seeded) global torch RNG and ``"pretrained"`` loads
-    ``weights``, by default the variant's official checkpoint.
+    ``weights``, by default the variant's official checkpoint. With ``lora_rank > 0`` peft adapters wrap
+    the ``lora_targets`` and only they train; ``empty`` is then ignored, since a LoRA checkpoint holds the
+    adapters only and the frozen base must be built as at the start.
     """
-    if empty:
+    if empty and not config.lora_rank:
         with torch.device("meta"):
             model = CrossDiT(config.dit_config)
         model = model.to_empty(device=device)
@@ -104,6 +108,8 @@ def build_model(config: TrainConfig, device: torch.device, *, empty: bool = Fals
 
         files = resolve_dit_files(config.weights).files
         model = load_dit(files, config.dit_config, device=device, dtype=torch.float32)
+    if config.lora_rank:
+        add_lora(model, config.lora_rank, config.resolved_lora_alpha, config.lora_targets)
     model.gradient_checkpointing = config.gradient_checkpointing
     return model.train()
 
@@ -329,6 +335,7 @@ def train(config: TrainConfig) -> TrainResult:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(output_dir / "config.json", lambda tmp: write_json_durable(tmp, config.to_dict()))
     metrics = MetricsLog(output_dir / METRICS, step)
+    start_step = step
 
     def save() -> None:
         metrics.sync()
@@ -337,6 +344,7 @@ def train(config: TrainConfig) -> TrainResult:
         checkpoint = save_checkpoint(
             output_dir, step, model, optimizer, scheduler,
             generators=generators, sampler=sampler.state_dict(), extra=extra, keep_last_k=config.keep_last_k,
+            trainable_only=config.lora_rank > 0,
         )  # fmt: skip
 
     progress = tqdm(total=config.max_steps, initial=step, unit="step", desc="training", dynamic_ncols=True)
@@ -366,6 +374,8 @@ def train(config: TrainConfig) -> TrainResult:
         progress.close()
         metrics.close()
 
+    if step > start_step or not all(path.is_file() for path in final_files(config)):
+        export_final(model, config)
     return TrainResult(
         step=step, loss=last_loss, output_dir=output_dir, checkpoint=checkpoint, skipped=dataset.summary()
     )
