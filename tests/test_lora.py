@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -224,3 +225,79 @@ def test_our_file_gives_diffusers_kandinsky5_the_same_output(lora_file: Path, st
         base = random_dit(5)(x, text, pooled, time)
     assert (a - base).abs().max() > 1e-2
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# generate(lora=...) and kandinsky5 generate --lora, on the tiny offline pipeline of test_generate.py
+# --------------------------------------------------------------------------------------------------
+
+from tests import test_generate  # noqa: E402
+
+shared_parts, tiny = test_generate.shared_parts, test_generate.tiny  # fixtures: text encoders, VAEs, repos
+
+
+def _tiny_lora(variant_name: str, path: Path, seed: int) -> Path:
+    from kandinsky5.variants import get_variant
+
+    torch.manual_seed(seed)
+    model = CrossDiT(get_variant(variant_name).dit)
+    return save_lora(trained_lora(model), path)
+
+
+def test_generate_with_loras_then_without(tiny, tmp_path: Path):
+    cls, name, repo = tiny("t2v")
+    model = cls.from_pretrained(repo, variant=name, device="cpu")
+    a, b = _tiny_lora(name, tmp_path / "a.safetensors", 1), _tiny_lora(name, tmp_path / "b.safetensors", 2)
+
+    def frames(**lora):
+        return model.generate("a red fox runs", num_frames=5, seed=3, progress=False, **lora)
+
+    base = frames()
+    styled = frames(lora=a, lora_scale=0.8)
+    assert not np.array_equal(styled.frames, base.frames)
+    assert styled.metadata["lora"] == [[str(a), 0.8]]
+    assert np.array_equal(frames(lora=a, lora_scale=0.0).frames, base.frames)  # strength 0: the base exactly
+    assert np.array_equal(frames().frames, base.frames)  # nothing stays attached after a call
+    both = frames(lora=[a, b], lora_scale=[0.8, 0.5])
+    assert not np.array_equal(both.frames, styled.frames)
+    with pytest.raises(ValueError, match="one per LoRA"):
+        frames(lora=[a, b], lora_scale=[0.8])
+    with pytest.raises(LoraError, match="LoRA file not found"):
+        frames(lora=tmp_path / "nope.safetensors")
+
+
+def test_cli_generate_takes_repeatable_lora_options(tiny, tmp_path: Path, capsys):
+    from kandinsky5.cli import main
+
+    cls, name, repo = tiny("t2v")
+    a, b = _tiny_lora(name, tmp_path / "a.safetensors", 1), _tiny_lora(name, tmp_path / "b.safetensors", 2)
+    out = tmp_path / "fox.mp4"
+    args = ["generate", "a red fox", "-m", str(repo), "--variant", name, "--frames", "5", "--device", "cpu"]
+    assert main([*args, "-o", str(out), "--lora", f"{a}:0.5", "--lora", str(b)]) == 0
+    assert out.is_file()
+    sidecar = json.loads(out.with_name(out.name + ".json").read_text())
+    assert sidecar["lora"] == [[str(a), 0.5], [str(b), 1.0]]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing.safetensors", "LoRA file not found"),
+        (lambda d: d / "a.safetensors:0.5:x", "LoRA file not found"),
+        (lambda d: torch.save({}, d / "l.pt") or d / "l.pt", "pickle files can run code"),
+        (
+            lambda d: (d / "t.safetensors").write_text("hello, not safetensors") and d / "t.safetensors",
+            "not a safetensors file",
+        ),
+        (lambda d: save_lora(trained_lora(random_dit()), d / "small.safetensors"), "made for another model"),
+        (lambda d: f"{save_lora(trained_lora(random_dit()), d / 'x.safetensors')}:inf", "SCALE must be a finite"),
+    ],
+)
+def test_cli_rejects_bad_loras_in_one_line_before_loading(tmp_path: Path, capsys, make, message):
+    from kandinsky5.cli import main
+
+    lora = str(make(tmp_path))
+    code = main(["generate", "a fox", "-m", "video-lite-5s-sft", "--lora", lora, "-o", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o.mp4").exists()
