@@ -114,3 +114,25 @@ def test_encode_folder_needs_a_variant(tmp_path: Path, media_folder: Path):
     config = TrainConfig(model=TINY_DIT, init="random", data_dir=str(media_folder))
     with pytest.raises(ConfigError, match="needs model = a variant name"):
         encode_folder(config, vae=FakeVAE(), text_encoder=FakeTextEncoder())
+
+
+def test_unreadable_and_too_small_media_are_skipped_and_summarised(tmp_path: Path, media_folder: Path):
+    (media_folder / "broken.mp4").write_bytes(b"not a video at all")
+    (media_folder / "broken.txt").write_text("a broken file")
+    _write_video(media_folder / "short.mp4", frames=3)
+    (media_folder / "short.txt").write_text("too short")
+    Image.new("RGB", (8, 8)).save(media_folder / "tiny.png")
+    (media_folder / "tiny.txt").write_text("too few pixels")
+    config = TrainConfig(
+        model="video-lite-5s-sft", data_dir=str(media_folder), cache_dir=str(tmp_path / "cache"),
+        buckets=((32, 64), (64, 32), (32, 32)), max_frames=5, device="cpu",
+    )  # fmt: skip
+    summary = encode_folder(config, vae=FakeVAE(), text_encoder=FakeTextEncoder())
+    assert summary.num_samples == 2
+    assert summary.skipped_reasons == {"missing caption": 1, "unreadable media": 1, "too small": 2}
+    assert summary.describe() == (
+        "data: 2 samples used, 4 items skipped (missing caption: 1, too small: 2, unreadable media: 1)"
+    )
+    reasons = {s["key"]: s["reason"] for s in LatentDataset(config.cache_dir).manifest["skipped"]}
+    assert reasons["short.mp4"] == "too small: fewer than 5 frames"
+    assert reasons["tiny.png"].startswith("too small: 8x8 pixels would be enlarged 4.0x")

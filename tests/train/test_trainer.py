@@ -10,7 +10,7 @@ from train_helpers import TINY_DIT, fake_text, fake_video, make_cache, make_item
 
 from kandinsky5.train import CacheError, main_train, train
 from kandinsky5.train.checkpointing import load_checkpoint
-from kandinsky5.train.data import EncodedVideo, LatentDataset, build_cache, collate
+from kandinsky5.train.data import DataItem, EncodedVideo, LatentDataset, SkipItem, build_cache, collate
 from kandinsky5.train.trainer import build_model, lr_factor, micro_batch_loss, read_metrics
 
 CPU = torch.device("cpu")
@@ -129,3 +129,23 @@ def test_main_train_runs_a_toml_config(tmp_path: Path):
     assert lines[0].startswith("trained 2 steps; last loss ")
     assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "state.json").is_file()
     assert (tmp_path / "run" / "config.json").is_file()
+
+
+def test_main_train_ends_with_the_bad_data_summary(tmp_path: Path):
+    items = make_items(5)
+    items[1] = DataItem("no-caption", 1, None)
+
+    def video(seed: int) -> torch.Tensor:
+        if seed == 3:
+            raise SkipItem("too small", "3 frames")
+        return fake_video(seed)
+
+    build_cache(items, video, fake_text, tmp_path / "cache")
+    path = write_toml(
+        tmp_path / "train.toml",
+        {"model": TINY_DIT, "init": "random", "cache_dir": str(tmp_path / "cache"),
+         "output_dir": str(tmp_path / "run"), "max_steps": 1, "device": "cpu"},
+    )  # fmt: skip
+    lines: list[str] = []
+    assert main_train(path, log=lines.append) == 0
+    assert lines[-1] == "data: 3 samples used, 2 items skipped (missing caption: 1, too small: 1)"

@@ -6,12 +6,16 @@ One checkpoint is one folder ``output_dir/checkpoints/step_XXXXXXX/``::
                             in LoRA runs only the trainable adapter tensors (the frozen base comes from the config)
     optimizer.safetensors   optimizer state tensors, keyed "<parameter name>/<state key>" (e.g. ".../exp_avg")
     rng.safetensors         torch CPU and CUDA RNG states and the trainer's own generators
+    ema.safetensors         only with EMA: the moving averages of the trainable weights, by parameter name
     state.json              written last: step, optimizer hyper-parameters, LR scheduler, sampler position,
                             Python and NumPy RNG states, trainer extras, and the list of files above
 
 The folder is written under a hidden temporary name, every file fsynced, then renamed into place, so a
 kill or a full disk at any moment leaves either the complete new checkpoint or none (the previous ones
 are untouched). ``latest_checkpoint`` returns the newest folder that passes a completeness check.
+
+A run of several processes writes the same folder with torch.distributed.checkpoint instead
+(``sharded_checkpoint.py``); ``load_checkpoint`` reads both kinds.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"  # sub-folder of output_dir
 STATE = "state.json"
-MODEL, OPTIMIZER, RNG = "model.safetensors", "optimizer.safetensors", "rng.safetensors"
+MODEL, OPTIMIZER, RNG, EMA = "model.safetensors", "optimizer.safetensors", "rng.safetensors", "ema.safetensors"
 FORMAT, VERSION = "kandinsky5-train-checkpoint", 1
+SHARDED = "torch.distributed.checkpoint"  # state.json "layout" of checkpoints written by several processes
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 _TEMP_PREFIX, _TRASH_PREFIX = ".tmp-", ".trash-"
 
@@ -183,11 +188,13 @@ def save_checkpoint(
     extra: Mapping[str, Any] | None = None,
     keep_last_k: int | None = None,
     trainable_only: bool = False,
+    ema: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoints/step_XXXXXXX`` atomically and keep only the newest ``keep_last_k`` checkpoints.
 
     ``generators`` are trainer-owned RNGs (noise, timesteps) saved by name; ``sampler`` the data
-    sampler position; ``extra`` any JSON-able trainer values. Returns the checkpoint folder. On failure
+    sampler position; ``extra`` any JSON-able trainer values; ``ema`` the EMA weights by parameter
+    name. Returns the checkpoint folder. On failure
     (e.g. OSError for a full disk) the temporary folder is removed, the error re-raised, and the
     previous checkpoints stay as they were.
 
@@ -213,12 +220,14 @@ def save_checkpoint(
         write_safetensors(temp / OPTIMIZER, optimizer_tensors)
         rng_tensors, rng_meta = _rng_state(generators or {})
         atomic_write(temp / RNG, lambda tmp: save_file(rng_tensors, str(tmp)))
+        if ema is not None:
+            write_safetensors(temp / EMA, dict(ema))
         state = {
             "format": FORMAT,
             "version": VERSION,
             "step": step,
             "model_tensors": "trainable" if trainable_only else "all",
-            "files": [MODEL, OPTIMIZER, RNG],
+            "files": [MODEL, OPTIMIZER, RNG] + ([EMA] if ema is not None else []),
             "optimizer": optimizer_meta,
             "scheduler": None if scheduler is None else _jsonable_scheduler(scheduler),
             "sampler": dict(sampler or {}),
@@ -266,11 +275,14 @@ def _read_state(folder: Path) -> dict:
 
 
 def _is_complete(folder: Path) -> bool:
-    """state.json parses and every file it lists has a sound safetensors header of the right length."""
+    """state.json parses and every file it lists exists; safetensors files have sound headers of the right length."""
     try:
         state = _read_state(folder)
         for name in state["files"]:
-            read_header(folder / name)
+            if name.endswith(".safetensors"):
+                read_header(folder / name)
+            elif not (folder / name).is_file():
+                return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
     return True
@@ -302,16 +314,30 @@ def load_checkpoint(
     *,
     generators: Mapping[str, torch.Generator] | None = None,
     restore_rng: bool = True,
+    ema: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint into live objects; returns its JSON state (``step``, ``sampler``, ``extra``, ...).
 
     Model weights are copied tensor by tensor into ``model`` (strict: the key sets must be equal).
     With ``restore_rng`` the global Python, NumPy and torch RNGs and ``generators`` are set as saved.
+    ``ema``: tensors by parameter name that receive the saved EMA weights. A checkpoint written by
+    several processes (torch.distributed.checkpoint) loads at any world size, a single process included.
     """
     folder = Path(folder)
     if not _is_complete(folder):
         raise CheckpointError(f"{folder}: incomplete or damaged checkpoint; use latest_checkpoint() to pick one")
     state = _read_state(folder)
+    if state.get("layout") == SHARDED:
+        from .sharded_checkpoint import load_sharded
+
+        load_sharded(folder, model, optimizer, ema)
+        _restore_rest(folder, state, scheduler, generators, restore_rng)
+        return state
+    if _is_sharded(model):
+        raise CheckpointError(
+            f'{folder}: written by a single process; resume it with distributed = "none" or "ddp" '
+            "(FSDP resumes from checkpoints written by several processes only)"
+        )
 
     targets = _model_tensors(model, state.get("model_tensors") == "trainable")
     with safe_open(folder / MODEL, framework="pt") as f:
@@ -330,10 +356,43 @@ def load_checkpoint(
 
     if optimizer is not None:
         _restore_optimizer(model, optimizer, folder / OPTIMIZER, state["optimizer"])
+    if ema is not None:
+        _restore_ema(folder, state, ema)
+    _restore_rest(folder, state, scheduler, generators, restore_rng)
+    return state
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _restore_ema(folder: Path, state: dict, ema: Mapping[str, torch.Tensor]) -> None:
+    if EMA not in state["files"]:
+        raise CheckpointError(f"{folder}: saved without EMA weights; set ema_decay as in that run, or start anew")
+    with safe_open(folder / EMA, framework="pt") as f:
+        saved = set(f.keys())
+        if saved != set(ema):
+            raise CheckpointError(f"{folder / EMA}: the EMA was saved for other parameters")
+        with torch.no_grad():
+            for key, target in ema.items():
+                target.copy_(f.get_tensor(key))
+
+
+def _restore_rest(
+    folder: Path,
+    state: dict,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    generators: Mapping[str, torch.Generator] | None,
+    restore_rng: bool,
+) -> None:
+    """The LR schedule and the RNGs, stored the same way by both checkpoint kinds."""
     if scheduler is not None:
         if state["scheduler"] is None:
             raise CheckpointError(f"{folder}: saved without an LR scheduler")
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
         _restore_rng(folder / RNG, state["rng"], generators or {})
-    return state

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ __all__ = ["ConfigError", "TrainConfig", "load_config"]
 
 Schedule = Literal["constant", "cosine"]
 Init = Literal["pretrained", "random"]
+Parallel = Literal["auto", "none", "ddp", "fsdp"]
 DTYPES = ("float32", "bfloat16")
 
 
@@ -88,6 +90,21 @@ class TrainConfig:
     log_every: int = 10  # one metrics.csv row (mean loss of the window) every N steps
     checkpoint_every: int = 500  # also saved at the last step
     keep_last_k: int = 3  # older checkpoints are deleted after a successful save
+    tensorboard: bool = False  # also write loss, lr, grad norm and speed to output_dir/tensorboard/
+
+    # --- scale-out and weight averaging --------------------------------------------------------------
+    distributed: Parallel = "auto"  # under torchrun: "ddp" or "fsdp" (FSDP2); "auto" = DDP with >1 process
+    ema_decay: float | None = None  # keep an EMA of the weights (e.g. 0.999); used for validation and export
+
+    # --- validation clips ----------------------------------------------------------------------------
+    validation_prompts: tuple[str, ...] = ()  # rendered to output_dir/validation/step_XXXXXXX/*.mp4
+    validation_every: int = 500  # steps between renders (and after the last step)
+    validation_steps: int = 16  # sampler steps per clip
+    validation_size: tuple[int, int] = (256, 256)  # (height, width) in pixels
+    validation_num_frames: int = 17  # 4k+1; 1 renders a still (saved as a 1-frame mp4)
+    validation_guidance_scale: float | None = None  # None = the variant's, 1.0 for a [model] table
+    validation_vae: str | None = None  # folder or Hub repo with a vae/ subfolder; None = the variant's
+    validation_text_encoders: tuple[str, str] | None = None  # (Qwen2.5-VL, CLIP) folders or repos; None = variant's
 
     def __post_init__(self) -> None:
         _normalize_and_check_types(self)
@@ -190,6 +207,35 @@ def _value_errors(c: TrainConfig) -> list[str]:
     if c.device is not None:
         need(
             c.device.split(":")[0] in ("cpu", "cuda", "mps"), f"device: use cpu, cuda, cuda:N or mps, not {c.device!r}"
+        )
+    if c.validation_guidance_scale is not None:
+        scale = c.validation_guidance_scale
+        need(scale > 0, f"validation_guidance_scale: must be > 0, got {scale}")
+    if c.ema_decay is not None:
+        need(0 <= c.ema_decay < 1, f"ema_decay: must be in [0, 1), got {c.ema_decay}; typical values are 0.999-0.9999")
+    errors.extend(_validation_errors(c))
+    if c.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        errors.append("tensorboard: the tensorboard package is not installed; pip install tensorboard, or set false")
+    return errors
+
+
+def _validation_errors(c: TrainConfig) -> list[str]:
+    errors = []
+    for name in ("validation_every", "validation_steps"):
+        if getattr(c, name) < 1:
+            errors.append(f"{name}: must be >= 1, got {getattr(c, name)}")
+    if c.validation_num_frames < 1 or (c.validation_num_frames - 1) % 4:
+        errors.append(f"validation_num_frames: must be 4k+1 (1, 5, ..., 17, ...), got {c.validation_num_frames}")
+    height, width = c.validation_size
+    if height <= 0 or width <= 0 or height % 16 or width % 16:
+        errors.append(f"validation_size: must be positive multiples of 16 pixels, got {height}x{width}")
+    if any(not prompt.strip() for prompt in c.validation_prompts):
+        errors.append("validation_prompts: a prompt is empty")
+    needs_sources = c.validation_prompts and not isinstance(c.model, str)
+    if needs_sources and (c.validation_vae is None or c.validation_text_encoders is None):
+        errors.append(
+            "validation_prompts: a [model] table names no VAE or text encoders; set validation_vae and "
+            "validation_text_encoders, or remove validation_prompts"
         )
     return errors
 

@@ -46,6 +46,7 @@ __all__ = [
     "LatentBatch",
     "LatentDataset",
     "LatentSample",
+    "SkipItem",
     "build_cache",
     "collate",
     "nearest_bucket",
@@ -138,6 +139,13 @@ class CacheSummary:
     shards_written: int = 0
     shards_reused: int = 0
 
+    def describe(self) -> str:
+        """One line for the end-of-run summary: samples used, items skipped and why."""
+        line = f"data: {self.num_samples} samples used, {self.num_skipped} items skipped"
+        if self.skipped_reasons:
+            line += " (" + ", ".join(f"{k}: {n}" for k, n in sorted(self.skipped_reasons.items())) + ")"
+        return line
+
 
 # --------------------------------------------------------------------------------------------------
 # Building the cache
@@ -200,16 +208,18 @@ def _encode_shard(
     for item in items:
         try:
             if item.caption is None or not item.caption.strip():
-                raise _Skip("missing caption")
+                raise SkipItem("missing caption")
             try:
                 latent, condition = _latent_of(encode_video_fn(item.media))
+            except SkipItem:
+                raise
             except Exception as err:  # noqa: BLE001 - any failure of user code skips just this item
-                raise _Skip(f"video encoding failed: {type(err).__name__}: {err}") from err
+                raise SkipItem("video encoding failed", f"{type(err).__name__}: {err}") from err
             try:
                 tokens, mask, pooled = _text_of(encode_text_fn(item.caption))
             except Exception as err:  # noqa: BLE001
-                raise _Skip(f"text encoding failed: {type(err).__name__}: {err}") from err
-        except _Skip as skip:
+                raise SkipItem("text encoding failed", f"{type(err).__name__}: {err}") from err
+        except SkipItem as skip:
             logger.warning("skipping %s: %s", item.key, skip.reason)
             skipped.append((item.key, skip.reason))
         else:
@@ -225,10 +235,15 @@ def _encode_shard(
     return tensors, keys, skipped
 
 
-class _Skip(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+class SkipItem(Exception):
+    """Raised by an ``encode_video_fn`` for an item that must be left out (unreadable, too small, ...).
+
+    ``category`` is what the summary counts ("too small"); ``detail`` says what was wrong with this item.
+    """
+
+    def __init__(self, category: str, detail: str | None = None):
+        self.reason = category if detail is None else f"{category}: {detail}"
+        super().__init__(self.reason)
 
 
 def _shard_metadata(path: Path) -> dict[str, Any] | None:

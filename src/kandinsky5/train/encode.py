@@ -8,7 +8,10 @@ Folder layout: any tree of media files, each with its caption in a ``.txt`` file
 
 Each file is resized to cover the nearest bucket (by aspect ratio) and centre-cropped to it; a video
 keeps its first ``4k+1`` frames up to ``max_frames`` at its own frame rate (Kandinsky 5 video models
-were trained at 24 fps: convert first). Media without a caption file are skipped and counted.
+were trained at 24 fps: convert first). Media without a caption file, files that cannot be decoded
+("unreadable media") and clips too small to train on ("too small": fewer than 5 frames when the run
+keeps 5 or more, or a picture that would need more than ``MAX_UPSCALE`` times enlarging to cover its
+bucket) are skipped with a warning and counted in the cache's summary.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import numpy as np
 import torch
 
 from .config import ConfigError, TrainConfig
-from .data import CacheSummary, DataItem, EncodedVideo, build_cache, nearest_bucket
+from .data import CacheSummary, DataItem, EncodedVideo, SkipItem, build_cache, nearest_bucket
 
 __all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "encode_folder", "folder_items", "media_encoder", "read_frames"]
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+MAX_UPSCALE = 2.0  # media needing more enlargement than this to cover their bucket are skipped as too small
+MIN_VIDEO_FRAMES = 5  # one latent frame beyond the first; shorter video files are skipped as too small
 
 
 def folder_items(data_dir: str | Path) -> list[DataItem]:
@@ -93,7 +98,9 @@ def media_encoder(
     def encode(path: Path) -> EncodedVideo:
         path = Path(path)
         file_seed = (seed * 2**32 + zlib.crc32(path.name.encode())) % 2**63
-        pixels = fit_to_bucket(read_frames(path, max_frames), buckets)[None]  # (1, 3, F, H, W)
+        frames = _readable_frames(path, max_frames)
+        _check_size(path, frames, buckets, max_frames)
+        pixels = fit_to_bucket(frames, buckets)[None]  # (1, 3, F, H, W)
         latent = vae.encode(pixels, generator=torch.Generator().manual_seed(file_seed))[0]
         condition = None
         if with_condition:
@@ -102,6 +109,26 @@ def media_encoder(
         return EncodedVideo(latent=latent, condition=condition)
 
     return encode
+
+
+def _readable_frames(path: Path, max_frames: int) -> np.ndarray:
+    try:
+        return read_frames(path, max_frames)
+    except Exception as err:  # noqa: BLE001 - PyAV, Pillow and the OS raise many kinds; all mean "unreadable"
+        raise SkipItem("unreadable media", f"{type(err).__name__}: {err}") from err
+
+
+def _check_size(path: Path, frames: np.ndarray, buckets: Sequence[tuple[int, int]], max_frames: int) -> None:
+    count, height, width = frames.shape[:3]
+    is_video = path.suffix.lower() in VIDEO_SUFFIXES
+    if is_video and count < MIN_VIDEO_FRAMES <= max_frames:
+        raise SkipItem("too small", f"fewer than {MIN_VIDEO_FRAMES} frames")
+    target_h, target_w = nearest_bucket(height, width, buckets)
+    scale = max(target_h / height, target_w / width)
+    if scale > MAX_UPSCALE:
+        raise SkipItem(
+            "too small", f"{width}x{height} pixels would be enlarged {scale:.1f}x to cover {target_w}x{target_h}"
+        )
 
 
 def encode_folder(config: TrainConfig, *, vae=None, text_encoder=None) -> CacheSummary:

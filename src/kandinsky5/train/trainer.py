@@ -7,7 +7,11 @@ at any moment and restarted with the same config resumes from its latest checkpo
 writes exactly the loss sequence of an uninterrupted run.
 
 Files under ``output_dir``: ``config.json`` (the config of the first start), ``metrics.csv`` (one row per
-``log_every`` steps) and ``checkpoints/step_XXXXXXX/`` (see checkpointing.py).
+``log_every`` steps), ``checkpoints/step_XXXXXXX/`` (see checkpointing.py), ``final/`` (export.py; the
+EMA weights when the run keeps an EMA) and, when configured, ``tensorboard/`` and ``validation/``.
+
+Under torchrun the same loop runs in every process (distributed.py): rank 0 writes the files, and the
+checkpoints are sharded (sharded_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ from ..sampling import TIMESTEP_SCALE
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config
 from .data import BucketSampler, CacheError, CacheSummary, LatentBatch, LatentDataset, collate
+from .distributed import Distributed, setup_distributed, unwrap
+from .ema import EMA
 from .export import export_final, final_files
 from .loss import flow_matching_loss, interpolate, sample_timesteps
+from .sharded_checkpoint import save_sharded
 
 __all__ = [
     "TrainResult",
@@ -58,7 +65,11 @@ logger = logging.getLogger(__name__)
 METRICS = "metrics.csv"
 METRICS_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_s")
 # Config fields that may change between a run and its resume without changing the trajectory.
-RESUME_SAFE_FIELDS = frozenset({"max_steps", "log_every", "checkpoint_every", "keep_last_k", "output_dir", "device"})
+RESUME_SAFE_FIELDS = frozenset(
+    {"max_steps", "log_every", "checkpoint_every", "keep_last_k", "output_dir", "device", "distributed", "tensorboard"}
+    | {"validation_prompts", "validation_every", "validation_steps", "validation_size", "validation_num_frames"}
+    | {"validation_guidance_scale", "validation_vae", "validation_text_encoders"}
+)
 
 
 @dataclass(frozen=True)
@@ -159,11 +170,21 @@ def micro_batch_loss(
     generator: torch.Generator,
     config: TrainConfig,
     device: torch.device,
+    *,
+    draw_size: int | None = None,
+    rows: list[int] | None = None,
 ) -> torch.Tensor:
-    """Flow-matching loss of one batch; t and ε are drawn on the CPU from ``generator`` (t first)."""
+    """Flow-matching loss of one batch; t and ε are drawn on the CPU from ``generator`` (t first).
+
+    Distributed: ``batch`` holds the ``rows`` of a global batch of ``draw_size`` samples; t and ε are
+    drawn for the whole global batch (the same draws on every rank) and this rank keeps its rows.
+    """
     x0 = batch.latent.float()
-    t = sample_timesteps(x0.shape[0], generator, config.timestep_mean, config.timestep_std, config.resolved_shift)
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+    n = draw_size or x0.shape[0]
+    t = sample_timesteps(n, generator, config.timestep_mean, config.timestep_std, config.resolved_shift)
+    noise = torch.randn((n, *x0.shape[1:]), generator=generator, dtype=torch.float32)
+    if rows is not None:
+        t, noise = t[rows], noise[rows]
     batch = batch.to(device)
     x0, noise, t = x0.to(device), noise.to(device), t.to(device)
     x_t = interpolate(x0, noise, t)
@@ -174,7 +195,7 @@ def micro_batch_loss(
         conditioning = Conditioning(first_frame=first)
         loss_mask = torch.ones(x0.shape[:2], dtype=torch.bool, device=device)
         loss_mask[:, 0] = False
-    model_input = conditioning.model_input(x_t, model.config.visual_cond)
+    model_input = conditioning.model_input(x_t, unwrap(model).config.visual_cond)
     with _autocast(device, config.dtype):
         velocity = model(
             model_input,
@@ -245,16 +266,18 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _open_dataset(config: TrainConfig) -> LatentDataset:
+def _open_dataset(config: TrainConfig, parallel: Distributed) -> LatentDataset:
     try:
         return LatentDataset(config.cache_dir)
     except CacheError:
         if config.data_dir is None:
             raise
-    from .encode import encode_folder  # heavy: VAE and text encoders
+    if parallel.is_main:
+        from .encode import encode_folder  # heavy: VAE and text encoders
 
-    logger.info("encoding %s into the latent cache %s", config.data_dir, config.cache_dir)
-    encode_folder(config)
+        logger.info("encoding %s into the latent cache %s", config.data_dir, config.cache_dir)
+        encode_folder(config)
+    parallel.barrier()  # the other ranks wait for rank 0's cache
     return LatentDataset(config.cache_dir)
 
 
@@ -285,20 +308,38 @@ def _optimizer_step(
     generator: torch.Generator,
     config: TrainConfig,
     device: torch.device,
+    parallel: Distributed | None = None,
 ) -> tuple[float, float | None, int]:
-    """``grad_accum`` micro-batches, clipping and one AdamW step → (mean loss, grad norm, samples seen)."""
+    """``grad_accum`` micro-batches, clipping and one AdamW step → (mean loss, grad norm, samples seen).
+
+    Each micro-batch is one global batch of the sampler; with several processes each rank computes
+    its share of it (a rank with an empty share runs one sample at weight 0, so collectives stay in step).
+    """
+    parallel = parallel or Distributed()
     optimizer.zero_grad(set_to_none=True)
     losses, samples = [], 0
-    for _ in range(config.grad_accum):
-        batch = collate([dataset[i] for i in sampler.next_batch()])
-        loss = micro_batch_loss(model, batch, generator, config, device)
-        (loss / config.grad_accum).backward()
-        losses.append(loss.item())
-        samples += batch.latent.shape[0]
+    for k in range(config.grad_accum):
+        indices = sampler.next_batch()
+        if parallel.kind == "none":
+            batch = collate([dataset[i] for i in indices])
+            loss = micro_batch_loss(model, batch, generator, config, device)
+            (loss / config.grad_accum).backward()
+            losses.append(loss.item())
+        else:
+            rows = parallel.share(len(indices))
+            taken = rows or [0]
+            batch = collate([dataset[indices[i]] for i in taken])
+            loss = micro_batch_loss(model, batch, generator, config, device, draw_size=len(indices), rows=taken)
+            weight = parallel.loss_weight(rows, len(indices))
+            with parallel.gradient_sync(model, enabled=k == config.grad_accum - 1):
+                (loss * (weight / config.grad_accum)).backward()
+            losses.append(parallel.global_mean(loss.item(), rows, len(indices)))
+        samples += len(indices)
     grad_norm = None
     if config.max_grad_norm > 0:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     optimizer.step()
     scheduler.step()
     return sum(losses) / len(losses), grad_norm, samples
@@ -306,76 +347,125 @@ def _optimizer_step(
 
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) the training described by ``config``; see the module docstring."""
-    output_dir = Path(config.output_dir)
     device = resolve_device(config.device)
-    dataset = _open_dataset(config)  # fails early (before any model loads) on a missing cache
-    if dataset.num_skipped:
+    parallel = setup_distributed(config, device)  # one process unless started by torchrun
+    try:
+        return _train(config, parallel, parallel.device(device))
+    finally:
+        parallel.close()
+
+
+def _train(config: TrainConfig, parallel: Distributed, device: torch.device) -> TrainResult:
+    output_dir = Path(config.output_dir)
+    main = parallel.is_main
+    dataset = _open_dataset(config, parallel)  # fails early (before any model loads) on a missing cache
+    if dataset.num_skipped and main:
         summary = dataset.summary()
         logger.warning("%d items were left out of the cache: %s", summary.num_skipped, summary.skipped_reasons)
     sampler = BucketSampler(dataset.bucket_keys(), config.batch_size, config.seed)
 
     checkpoint = latest_checkpoint(output_dir)
     _seed_everything(config.seed)
-    model = build_model(config, device, empty=checkpoint is not None)
+    dit = build_model(config, device, empty=checkpoint is not None)
+    model = parallel.wrap(dit, device)  # DDP / FSDP2 under torchrun; the DiT itself otherwise
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
+    ema = EMA(dit, config.ema_decay) if config.ema_decay is not None else None
     noise_generator = torch.Generator().manual_seed(config.seed)
     generators = {"noise": noise_generator}
 
     step, last_loss, window = 0, None, [0.0, 0]  # window: loss sum and step count since the last log row
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, generators=generators)
+        state = load_checkpoint(
+            checkpoint, dit, optimizer, scheduler, generators=generators, ema=None if ema is None else ema.state_dict()
+        )
         step = state["step"]
         sampler.load_state_dict(state["sampler"])
         extra = state["extra"]
         last_loss, window = extra["last_loss"], list(extra["loss_window"])
-        _warn_config_changes(extra["config"], config)
-        logger.info("resuming from %s (step %d)", checkpoint, step)
-    else:
+        if main:
+            _warn_config_changes(extra["config"], config)
+            logger.info("resuming from %s (step %d)", checkpoint, step)
+    elif main:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(output_dir / "config.json", lambda tmp: write_json_durable(tmp, config.to_dict()))
-    metrics = MetricsLog(output_dir / METRICS, step)
     start_step = step
+    metrics = MetricsLog(output_dir / METRICS, step) if main else None
+    board = None
+    if config.tensorboard and main:
+        from .tensorboard import TensorBoardLog
+
+        board = TensorBoardLog(output_dir, step)
+    validator = None
+    if config.validation_prompts:
+        from .validation import Validator
+
+        validator = Validator(config, device, parallel)
 
     def save() -> None:
-        metrics.sync()
+        if main:
+            metrics.sync()
         extra = {"last_loss": last_loss, "loss_window": window, "config": config.to_dict()}
         nonlocal checkpoint
-        checkpoint = save_checkpoint(
-            output_dir, step, model, optimizer, scheduler,
+        common = dict(
             generators=generators, sampler=sampler.state_dict(), extra=extra, keep_last_k=config.keep_last_k,
-            trainable_only=config.lora_rank > 0,
+            ema=None if ema is None else ema.state_dict(),
         )  # fmt: skip
+        if parallel.kind == "none":
+            lora = config.lora_rank > 0
+            checkpoint = save_checkpoint(output_dir, step, dit, optimizer, scheduler, trainable_only=lora, **common)
+        else:
+            checkpoint = save_sharded(output_dir, step, dit, optimizer, scheduler, **common)
 
-    progress = tqdm(total=config.max_steps, initial=step, unit="step", desc="training", dynamic_ncols=True)
+    progress = tqdm(
+        total=config.max_steps, initial=step, unit="step", desc="training", dynamic_ncols=True, disable=not main
+    )
     window_start, window_samples = time.perf_counter(), 0
     try:
         while step < config.max_steps:
             lr = optimizer.param_groups[0]["lr"]
             last_loss, grad_norm, samples = _optimizer_step(
-                model, optimizer, scheduler, dataset, sampler, noise_generator, config, device
+                model, optimizer, scheduler, dataset, sampler, noise_generator, config, device, parallel
             )
             step += 1
             if not math.isfinite(last_loss):
                 raise FloatingPointError(
                     f"loss is {last_loss} at step {step}; lower lr, raise warmup_steps or set max_grad_norm"
                 )
+            if ema is not None:
+                ema.update()
             window, window_samples = [window[0] + last_loss, window[1] + 1], window_samples + samples
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
             if step % config.log_every == 0 or step == config.max_steps:
-                elapsed = time.perf_counter() - window_start
-                metrics.write(step, window[0] / window[1], lr, grad_norm, window_samples / max(elapsed, 1e-9))
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                if main:
+                    metrics.write(step, window[0] / window[1], lr, grad_norm, window_samples / elapsed)
+                if board is not None:
+                    speeds = (window[1] / elapsed, window_samples / elapsed)
+                    board.write(step, window[0] / window[1], lr, grad_norm, *speeds)
                 window, window_start, window_samples = [0.0, 0], time.perf_counter(), 0
             if step % config.checkpoint_every == 0 or step == config.max_steps:
+                if board is not None:
+                    board.sync()
                 save()
+            if validator is not None and (step % config.validation_every == 0 or step == config.max_steps):
+                validator.render(dit, step, ema)
+                window_start = time.perf_counter()  # rendering time is not training throughput
     finally:
         progress.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
+        if board is not None:
+            board.close()
 
     if step > start_step or not all(path.is_file() for path in final_files(config)):
-        export_final(model, config)
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            full = parallel.gathered(dit, lambda: build_model(config, torch.device("cpu"), empty=True))
+            if main:
+                export_final(full, config)
+        parallel.barrier()
     return TrainResult(
         step=step, loss=last_loss, output_dir=output_dir, checkpoint=checkpoint, skipped=dataset.summary()
     )
@@ -389,7 +479,7 @@ def main_train(path: str | Path, log: Callable[[str], None] = print) -> int:
     """
     config = load_config(path)
     result = train(config)
-    log(f"trained {result.step} steps; last loss {result.loss!r}; checkpoint {result.checkpoint}")
-    if result.skipped.num_skipped:
-        log(f"{result.skipped.num_skipped} data items skipped: {result.skipped.skipped_reasons}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        log(f"trained {result.step} steps; last loss {result.loss!r}; checkpoint {result.checkpoint}")
+        log(result.skipped.describe())  # the end-of-run bad-data summary (details in the cache's manifest)
     return 0
