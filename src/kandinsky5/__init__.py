@@ -18,6 +18,7 @@ _EXPORTS = {
     "Kandinsky5VideoLite": "kandinsky5.api",
     "Kandinsky5VideoPro": "kandinsky5.api",
     "Kandinsky5ImageLite": "kandinsky5.api",
+    "Kandinsky5Nano": "kandinsky5.api",
     "Video": "kandinsky5.media",
     "Image": "kandinsky5.media",
 }

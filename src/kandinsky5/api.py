@@ -32,11 +32,12 @@ from .offload import Placement
 from .pipeline import Conditioning, PromptEmbeddings, sample_latents
 from .request import plan_generation
 from .sampling import initial_noise, latent_frames, timestep_grid
-from .variants import Variant, get_variant, resolve_model_name, variant_for_folder, variant_for_repo
+from .variants import Variant, get_variant, packaged_path, resolve_model_name, variant_for_folder, variant_for_repo
 
 __all__ = [
     "Kandinsky5ImageLite",
     "Kandinsky5Model",
+    "Kandinsky5Nano",
     "Kandinsky5VideoLite",
     "Kandinsky5VideoPro",
     "load",
@@ -110,7 +111,6 @@ class Kandinsky5Model:
         Short repo names such as ``kandinskylab/Kandinsky-5.0-T2V-Lite`` pick the family's default
         variant (logged); ``variant=`` overrides. Defaults: best device, bf16 on accelerators, fp32 on CPU.
         """
-        from .text import TextEncoder
         from .vae import ImageVAE, VideoVAE
 
         spec = cls._pick_variant(repo_id_or_path, variant)
@@ -119,11 +119,7 @@ class Kandinsky5Model:
         files = resolve_pipeline_files(_weights_source(repo_id_or_path, spec), spec)
         logger.info("loading %s (%s) on %s in %s", spec.name, spec.description, device, dtype)
         dit = load_dit(files.dit.files, files.dit.config or spec.dit, device=device, dtype=dtype, expected=spec.name)
-        text = TextEncoder.from_pretrained(
-            str(files.text_encoder), str(files.text_encoder_2), device=device, dtype=dtype,
-            templates=(spec.text.template,), qwen_tokenizer=str(files.tokenizer),
-            clip_tokenizer=str(files.tokenizer_2),
-        )  # fmt: skip
+        text = _text_encoder(spec, files, device, dtype)
         vae_class = ImageVAE if spec.vae == "flux" else VideoVAE
         vae = vae_class.from_pretrained(str(files.vae), subfolder=None, device=device, dtype=dtype)
         model_class = cls if cls.families else _class_for(spec)
@@ -219,7 +215,8 @@ class Kandinsky5Model:
             i2v = v.task == "i2v"
             conditioning = Conditioning(first_frame=latent[:, 0]) if i2v else Conditioning(edit_latent=latent)
 
-        shape = (1, latent_frames(r.num_frames), r.height // 8, r.width // 8, self.dit.config.in_visual_dim)
+        factor = self.vae.spatial_factor
+        shape = (1, latent_frames(r.num_frames), r.height // factor, r.width // factor, self.dit.config.in_visual_dim)
         self.last_attention = self._visual_attention(shape, attention, nabla)
         noise = initial_noise(shape, r.seed, device=self.device)
         with self.placement.use(self.dit), apply_loras(self.dit, loras):
@@ -302,10 +299,29 @@ def _class_for(variant: Variant) -> type[Kandinsky5Model]:
     return Kandinsky5Model
 
 
+def _text_encoder(spec: Variant, files, device: torch.device, dtype: torch.dtype):
+    if spec.text.kind == "minilm":
+        from .nano.text import NanoTextEncoder
+
+        return NanoTextEncoder.from_pretrained(device=device)
+    from .text import TextEncoder
+
+    return TextEncoder.from_pretrained(
+        str(files.text_encoder), str(files.text_encoder_2), device=device, dtype=dtype,
+        templates=(spec.text.template,), qwen_tokenizer=str(files.tokenizer), clip_tokenizer=str(files.tokenizer_2),
+    )  # fmt: skip
+
+
 def _weights_source(source: str | Path, variant: Variant) -> str | Path:
-    """Local paths and real repo ids stay as given; variant and family names go to the official repo."""
+    """Local paths and real repo ids stay as given; variant and family names go to the official repo, or
+    to the package folder of packaged variants (nano)."""
     if Path(str(source)).expanduser().exists() or variant_for_repo(str(source)) is not None:
         return source
+    packaged = packaged_path(variant)
+    if packaged is not None:
+        if not (packaged / "transformer").is_dir():
+            raise FileNotFoundError(f"{variant.name}: its weights are missing from the package ({packaged})")
+        return packaged
     return variant.hub.repo_id if variant.hub else source
 
 
@@ -333,3 +349,19 @@ class Kandinsky5ImageLite(Kandinsky5Model):
 
     families = ("image-lite",)
     default_variant = "image-lite"
+
+
+class Kandinsky5Nano(Kandinsky5Model):
+    """nano: our 9.5M-parameter model of the shapes world, shipped in the package; T2V, I2V and T2I on a CPU."""
+
+    families = ("nano",)
+    default_variant = "nano"
+
+    def for_task(self, task: str) -> Kandinsky5Nano:
+        """The same loaded weights as another task: "t2v" (nano), "i2v" (nano-i2v) or "t2i" (nano-t2i)."""
+        names = {"t2v": "nano", "i2v": "nano-i2v", "t2i": "nano-t2i"}
+        if task not in names:
+            raise ValueError(f"nano does {', '.join(names)}, not {task!r}")
+        twin = Kandinsky5Nano(get_variant(names[task]), self.dit, self.text_encoder, self.vae, self.device)
+        twin.placement = self.placement
+        return twin

@@ -269,6 +269,7 @@ def _plan(args: argparse.Namespace) -> _Request:
     from kandinsky5.request import plan_generation
 
     source, variant = _pick_variant(args.model, args.variant)
+    variant = _nano_task(variant, args.image, args.output)
     num_frames = _num_frames(variant, args.frames, args.seconds)
     height, width = _size(args.size)
     image = args.image
@@ -298,6 +299,20 @@ def _lora(text: str, variant: Variant) -> tuple[Path, float]:
         raise ValueError(f"--lora {text}: SCALE must be a finite number")
     weights = read_lora(path, variant.dit, load=False)
     return weights.path, scale
+
+
+def _nano_task(variant: Variant, image: str | None, output: str | None) -> Variant:
+    """nano's one set of weights does T2V, I2V and T2I: --image picks I2V, an image file for -o picks T2I."""
+    from kandinsky5.media import IMAGE_SUFFIXES
+    from kandinsky5.variants import get_variant
+
+    if variant.name != "nano":
+        return variant
+    if image is not None:
+        return get_variant("nano-i2v")
+    if output is not None and Path(output).suffix.lower() in IMAGE_SUFFIXES:
+        return get_variant("nano-t2i")
+    return variant
 
 
 def _num_frames(variant: Variant, frames: int | None, seconds: float | None) -> int | None:
@@ -444,7 +459,7 @@ def _run_download(args: argparse.Namespace) -> int:
         if Path(model).expanduser().exists():
             raise ValueError(f"{model} is already on this machine; download takes a variant name or a Hub repo id")
         if variant.hub is None:
-            raise ValueError(f"{variant.name} has no Hub weights; nothing to download")
+            raise ValueError(f"{variant.name} ships inside the kandinsky5 package; nothing to download")
         # Variant and family names stand for the variant's official repo; a repo id is fetched as given.
         is_name = model in VARIANTS or model.strip().strip("/").lower() in ALIASES
         repo = variant.hub.repo_id if is_name else model
@@ -561,11 +576,75 @@ def _run_train(args: argparse.Namespace) -> int:
         raise _Failure(_message(err)) from None
 
 
+# --------------------------------------------------------------------------------------------------
+# kandinsky5 eval
+# --------------------------------------------------------------------------------------------------
+
+
+_EVAL_EPILOG = """\
+examples:
+  kandinsky5 eval                                   the bundled nano: 100 T2V, 50 I2V, 50 T2I prompts
+  kandinsky5 eval --videos 20 --i2v 10 --images 10  quicker
+  kandinsky5 eval runs/nano/nano --json eval.json   a nano folder written by python -m kandinsky5.nano.recipe
+"""
+
+
+def _add_eval(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="grade nano on held-out prompts (colour, shape, motion) and its VAE (PSNR)",
+        description="Generate from prompts of the shapes world's held-out split (combinations and phrasings "
+        "training never saw), read colour, shape and motion back from the frames with the detectors of "
+        "kandinsky5.nano.detect, and print the accuracy per attribute and task with the VAE's reconstruction "
+        "PSNR (docs/nano.md). Exit status 0 when every target is met, 1 when not.",
+        epilog=_EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", nargs="?", default="nano", help="nano (default) or a nano folder")
+    parser.add_argument("--videos", type=int, default=100, metavar="N", help="text-to-video prompts (default 100)")
+    parser.add_argument("--i2v", type=int, default=50, metavar="N", help="image-to-video prompts (default 50)")
+    parser.add_argument("--images", type=int, default=50, metavar="N", help="text-to-image prompts (default 50)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i (default 0)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from kandinsky5.atomic import atomic_write, write_json_durable
+
+    counts = {"--videos": args.videos, "--i2v": args.i2v, "--images": args.images}
+    for flag, count in counts.items():
+        if count < 0:
+            raise _Failure(f"{flag} must be >= 0, got {count}")
+    if not any(counts.values()):
+        raise _Failure("nothing to evaluate: every count is 0")
+    try:
+        source, variant = _pick_variant(args.model, "nano" if Path(args.model).expanduser().is_dir() else None)
+        if not variant.name.startswith("nano"):
+            raise ValueError(f"eval grades nano models of the shapes world, not {variant.name}")
+    except (ValueError, OSError) as err:
+        raise _Failure(_message(err)) from None
+
+    from kandinsky5.api import Kandinsky5Nano
+    from kandinsky5.nano.evaluate import evaluate_nano, format_table
+
+    try:
+        model = Kandinsky5Nano.from_pretrained(source, variant="nano")
+    except (ValueError, OSError) as err:
+        raise _Failure(_message(err)) from None
+    report = evaluate_nano(model, videos=args.videos, images=args.images, i2v=args.i2v, seed=args.seed)
+    print(format_table(report), file=sys.stdout)
+    if args.json:
+        atomic_write(Path(args.json), lambda tmp: write_json_durable(tmp, report.to_json()))
+    return 0 if report.passed else 1
+
+
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_models,
     _add_generate,
     _add_download,
     _add_train,
+    _add_eval,
 )
 
 

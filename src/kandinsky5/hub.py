@@ -275,14 +275,14 @@ _WEIGHTS_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]  
 
 @dataclass(frozen=True)
 class PipelineFiles:
-    """Local folders of every component a variant needs."""
+    """Local folders of every component a variant needs (no text folders for nano: its encoder is a package)."""
 
     dit: ResolvedCheckpoint
     vae: Path  # folder holding the VAE's config.json and weights
-    text_encoder: Path  # Qwen2.5-VL weights
-    tokenizer: Path
-    text_encoder_2: Path  # CLIP text model
-    tokenizer_2: Path
+    text_encoder: Path | None = None  # Qwen2.5-VL weights
+    tokenizer: Path | None = None
+    text_encoder_2: Path | None = None  # CLIP text model
+    tokenizer_2: Path | None = None
 
 
 def resolve_pipeline_files(
@@ -336,6 +336,8 @@ def _local_pipeline(root: Path, variant: Variant) -> PipelineFiles:
             "text_encoder_2": root / "text_encoder2",
             "tokenizer_2": root / "text_encoder2",
         }
+    if variant.text.kind == "minilm":
+        folders = {"vae": folders["vae"]}
     missing = [
         str(folder) for folder in dict.fromkeys(folders.values()) if not (folder / _config_name(folder)).is_file()
     ]

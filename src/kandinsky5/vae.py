@@ -66,7 +66,9 @@ class _LatentAutoencoder:
         # The factor comes from the loaded config; a different value means other weights than the
         # official ones (for which latents would be scaled differently from what the DiT was trained on).
         self.scaling_factor = float(vae.config.scaling_factor)
-        if not math.isclose(self.scaling_factor, self.expected_scaling_factor, rel_tol=1e-6):
+        # nano's VAE (4x in space) carries its own factor; only the official 8x geometry warns.
+        official_geometry = getattr(vae.config, "spatial_compression_ratio", SPATIAL_FACTOR) == SPATIAL_FACTOR
+        if official_geometry and not math.isclose(self.scaling_factor, self.expected_scaling_factor, rel_tol=1e-6):
             logger.warning(
                 "%s VAE scaling_factor is %g, the official %s VAE uses %g; using the config value",
                 self.kind,
@@ -111,6 +113,11 @@ class _LatentAutoencoder:
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
 
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent along height and width: 8 for the official VAEs, 4 for nano's."""
+        return int(getattr(self.vae.config, "spatial_compression_ratio", SPATIAL_FACTOR))
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """Move (and optionally cast) the autoencoder; returns self."""
         self.vae.to(device=device, dtype=dtype)
@@ -124,7 +131,8 @@ class _LatentAutoencoder:
     def _check_latent(self, latent: torch.Tensor) -> None:
         if latent.ndim != 5 or latent.shape[-1] != self.latent_channels:
             raise ValueError(
-                f"latent must be (B, T, H/8, W/8, {self.latent_channels}) channels-last, got {tuple(latent.shape)}"
+                f"latent must be (B, T, H/{self.spatial_factor}, W/{self.spatial_factor}, {self.latent_channels}) "
+                f"channels-last, got {tuple(latent.shape)}"
             )
 
 
@@ -134,7 +142,7 @@ class _LatentAutoencoder:
 
 
 class VideoVAE(_LatentAutoencoder):
-    """HunyuanVideo VAE: (B, 3, 4k+1, H, W) pixels ↔ (B, k+1, H/8, W/8, 16) latents.
+    """HunyuanVideo VAE: (B, 3, 4k+1, H, W) pixels ↔ (B, k+1, H/8, W/8, 16) latents (H/4, W/4 for nano's).
 
     Tiling (used when ``tiling`` is True, or "auto" decides so): frames are split into ``tile_size``
     pixel tiles every ``tile_stride`` pixels and blended; long videos are always processed in windows of
@@ -160,8 +168,11 @@ class VideoVAE(_LatentAutoencoder):
                 f"need 0 < stride <= size for tiles, got tile_size={tile_size}, tile_stride={tile_stride}, "
                 f"tile_frames={tile_frames}, tile_frames_stride={tile_frames_stride}"
             )
-        if tile_size % SPATIAL_FACTOR or tile_stride % SPATIAL_FACTOR or tile_frames % TEMPORAL_FACTOR:
-            raise ValueError("tile_size and tile_stride must be multiples of 8, tile_frames a multiple of 4")
+        factor = self.spatial_factor
+        if tile_size % factor or tile_stride % factor or tile_frames % TEMPORAL_FACTOR:
+            raise ValueError(
+                f"tile_size and tile_stride must be multiples of {factor}, tile_frames a multiple of {TEMPORAL_FACTOR}"
+            )
         # Sets diffusers' tile geometry; whether tiles are used is decided per call.
         self.vae.enable_tiling(
             tile_sample_min_height=tile_size,
@@ -210,8 +221,8 @@ class VideoVAE(_LatentAutoencoder):
         if (num_frames - 1) % TEMPORAL_FACTOR:
             fix = TEMPORAL_FACTOR * round((num_frames - 1) / TEMPORAL_FACTOR) + 1
             raise ValueError(f"num_frames must be 4k+1, got {num_frames}; try {fix}")
-        if height % SPATIAL_FACTOR or width % SPATIAL_FACTOR:
-            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        if height % self.spatial_factor or width % self.spatial_factor:
+            raise ValueError(f"height and width must be multiples of {self.spatial_factor}, got {height}x{width}")
         self._set_tiling(tiling, height, width)
         posterior = self.vae.encode(frames.to(self.device, self.dtype)).latent_dist
         return self._draw(posterior, generator, sample).permute(0, 2, 3, 4, 1)  # (B, T, h, w, C)
@@ -220,7 +231,7 @@ class VideoVAE(_LatentAutoencoder):
     def decode(self, latent: torch.Tensor, *, tiling: Tiling = "auto") -> torch.Tensor:
         """(B, T, h, w, 16) scaled latents → (B, 3, 4(T-1)+1, 8h, 8w) fp32 pixels in [-1, 1]."""
         self._check_latent(latent)
-        self._set_tiling(tiling, latent.shape[2] * SPATIAL_FACTOR, latent.shape[3] * SPATIAL_FACTOR)
+        self._set_tiling(tiling, latent.shape[2] * self.spatial_factor, latent.shape[3] * self.spatial_factor)
         z = latent.to(self.device, self.dtype).permute(0, 4, 1, 2, 3) / self.scaling_factor  # (B, C, T, h, w)
         return self.vae.decode(z).sample.float().clamp(-1.0, 1.0)
 
@@ -281,8 +292,8 @@ class ImageVAE(_LatentAutoencoder):
         if images.ndim != 5 or images.shape[1] != 3 or images.shape[2] != 1:
             raise ValueError(f"images must be (B, 3, 1, H, W), got {tuple(images.shape)}")
         height, width = images.shape[-2:]
-        if height % SPATIAL_FACTOR or width % SPATIAL_FACTOR:
-            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        if height % self.spatial_factor or width % self.spatial_factor:
+            raise ValueError(f"height and width must be multiples of {self.spatial_factor}, got {height}x{width}")
         self._set_tiling(tiling, height, width)
         posterior = self.vae.encode(images[:, :, 0].to(self.device, self.dtype)).latent_dist
         return self._draw(posterior, generator, sample).permute(0, 2, 3, 1)[:, None]  # (B, 1, h, w, C)

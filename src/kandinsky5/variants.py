@@ -33,13 +33,16 @@ __all__ = [
     "resolve_model_name",
     "variant_for_folder",
     "parameter_count",
+    "packaged_path",
+    "NANO_DIT",
 ]
 
 logger = logging.getLogger(__name__)
 
 Task = Literal["t2v", "i2v", "t2i", "i2i"]
 Attention = Literal["dense", "nabla"]
-VaeKind = Literal["hunyuan", "flux"]  # a small "nano" VAE kind joins these with the nano variant
+VaeKind = Literal["hunyuan", "flux", "nano"]  # nano: a small HunyuanVideo-architecture VAE, 4x in space
+TextKind = Literal["qwen-clip", "minilm"]
 Template = Literal["video", "image", "image_edit"]
 
 VIDEO_TASKS = ("t2v", "i2v")
@@ -101,8 +104,11 @@ class TextEncoderSpec:
 
     ``qwen_max_length`` is the padded token count after the template prefix is cropped (256 for video,
     512 for images); ``template`` picks the Qwen system prompt (I2V uses the video template too).
+    ``kind="minilm"`` is nano's stand-in for both (kandinsky5.nano.text): installed from PyPI, so its
+    repo ids are unused.
     """
 
+    kind: TextKind = "qwen-clip"
     qwen_repo_id: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     qwen_max_length: int
     template: Template
@@ -110,6 +116,8 @@ class TextEncoderSpec:
     clip_max_length: int = 77
 
     def __post_init__(self) -> None:
+        if self.kind not in ("qwen-clip", "minilm"):
+            raise ValueError(f"kind must be 'qwen-clip' or 'minilm', got {self.kind!r}")
         if self.qwen_max_length < 1:
             raise ValueError(f"qwen_max_length must be >= 1, got {self.qwen_max_length}")
         if self.template not in ("video", "image", "image_edit"):
@@ -126,6 +134,8 @@ class Variant:
     ``size_multiple`` (16 for dense video and images, 128 under NABLA). For I2V the pipeline derives the
     size from the input image (same area class, same multiple); the list then holds the text-only sizes.
     ``max_num_frames`` is the longest video the checkpoint was trained for (1 for images).
+    ``packaged`` names a folder inside the installed package that holds the weights (nano), in which
+    case ``hub`` is None.
     """
 
     name: str
@@ -143,6 +153,7 @@ class Variant:
     resolutions: tuple[tuple[int, int], ...]
     size_multiple: int
     vae_subfolder: str = "vae"
+    packaged: str | None = None
 
     def __post_init__(self) -> None:
         def fail(message: str) -> None:
@@ -187,17 +198,23 @@ class Variant:
         elif frames != 1 or self.max_num_frames != 1:
             fail(f"image variants have num_frames = max_num_frames = 1, got {frames}, {self.max_num_frames}")
 
-        # Conditioning: every video checkpoint and image editing take [x | cond | mask]; T2I does not.
-        wants_cond = self.task != "t2i"
+        # Conditioning: every video checkpoint and image editing take [x | cond | mask]; T2I does not,
+        # except nano, whose one DiT does T2V, I2V and T2I (images are 1-frame clips, condition zero).
+        wants_cond = self.task != "t2i" or self.vae == "nano"
         if self.dit.visual_cond != wants_cond:
             fail(f"task {self.task!r} needs DiTConfig.visual_cond={wants_cond}")
 
         # Components that must agree with the task.
+        if self.vae == "nano" and (self.text.kind != "minilm" or self.packaged is None or self.task == "i2i"):
+            fail("the nano VAE goes with the MiniLM text encoder, packaged weights and t2v / i2v / t2i")
+        if (self.hub is None) == (self.packaged is None):
+            fail("weights come either from the Hub (hub) or from the package (packaged)")
         if self.vae == "hunyuan" and not self.is_video:
             fail("the Hunyuan VAE is a video VAE; image tasks use 'flux'")
         if self.vae == "flux" and self.is_video:
             fail("the FLUX VAE is an image VAE; video tasks use 'hunyuan'")
         template = {"t2v": "video", "i2v": "video", "t2i": "image", "i2i": "image_edit"}[self.task]
+        # (nano ignores the template, but keeps the task's name for it.)
         if self.text.template != template:
             fail(f"task {self.task!r} uses the {template!r} Qwen template, got {self.text.template!r}")
 
@@ -460,6 +477,69 @@ def _image_lite(task: Task, stage: str) -> Variant:
     )
 
 
+# nano (docs/nano.md): our own few-million-parameter model of the same architecture, trained on the
+# shapes world by kandinsky5.nano.recipe; one set of weights in the package does T2V, I2V and T2I.
+# 256 wide, 8 heads of 32 (RoPE pairs 8 + 12 + 12), 1 text block and 6 visual blocks: 9.5 M parameters.
+# A 17×64×64 clip is a 5×16×16 latent (nano's VAE is 4x in space) and, with 1×4×4 patches, 5×4×4 = 80
+# tokens; an image 16 tokens. So a token covers 16×16 pixels, as with the real VAE's 8x and 1×2×2 patches.
+# Text comes from MiniLM (384-d tokens and pooled vector).
+NANO_DIT = DiTConfig(
+    model_dim=256,
+    ff_dim=1024,
+    time_dim=128,
+    num_text_blocks=1,
+    num_visual_blocks=6,
+    axes_dims=(8, 12, 12),
+    patch_size=(1, 4, 4),
+    in_visual_dim=16,
+    out_visual_dim=16,
+    in_text_dim=384,
+    in_text_dim2=384,
+    visual_cond=True,
+)
+NANO_PACKAGE_DIR = "nano/weights"  # inside the kandinsky5 package: transformer/ and vae/, diffusers layout
+NANO_SIZE, NANO_FRAMES, NANO_FPS = 64, 17, 8
+
+
+def _nano(task: Task) -> Variant:
+    video = task != "t2i"
+    what = {"t2v": "text-to-video", "i2v": "image-to-video", "t2i": "text-to-image"}[task]
+    return Variant(
+        name="nano" if task == "t2v" else f"nano-{task}",
+        description=f"nano 9.5M (shapes world, runs on any CPU) {what}",
+        task=task,
+        dit=NANO_DIT,
+        sampling=SamplingDefaults(
+            num_inference_steps=16,
+            guidance_scale=4.0,
+            shift=1.0,
+            height=NANO_SIZE,
+            width=NANO_SIZE,
+            num_frames=NANO_FRAMES if video else 1,
+            fps=NANO_FPS,
+            rope_scale=(1.0, 1.0, 1.0),
+            negative_prompt="",  # the recipe trains the unconditional branch on the empty prompt
+        ),
+        attention="dense",
+        nabla=None,
+        vae="nano",
+        vae_repo_id="",
+        text=TextEncoderSpec(kind="minilm", qwen_max_length=32, template="video" if video else "image"),
+        hub=None,
+        max_num_frames=NANO_FRAMES if video else 1,
+        resolutions=((NANO_SIZE, NANO_SIZE),),
+        size_multiple=16,
+        packaged=NANO_PACKAGE_DIR,
+    )
+
+
+def packaged_path(variant: Variant) -> Path | None:
+    """The folder of a variant's weights shipped inside the package, or None for Hub variants."""
+    if variant.packaged is None:
+        return None
+    return Path(__file__).resolve().parent / variant.packaged
+
+
 # --------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------
@@ -479,7 +559,8 @@ def _build_registry() -> dict[str, Variant]:
         _image_lite("t2i", "pretrain"),
         _image_lite("i2i", "sft"),
         _image_lite("i2i", "pretrain"),
-        # The debug-sized "nano" variant (tiny DiT, nano VAE, weights shipped in the package) goes here.
+        # nano: our tiny model, weights in the package.
+        *(_nano(task) for task in ("t2v", "i2v", "t2i")),
     ]
     registry: dict[str, Variant] = {}
     for variant in variants:

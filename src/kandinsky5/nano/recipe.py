@@ -9,7 +9,8 @@ a. ``OUT_DIR/vae``: the causal video VAE (:func:`kandinsky5.nano.vae_training.tr
 b. ``OUT_DIR/cache``: the latent cache of the project trainer (:func:`kandinsky5.train.build_cache`) for
    N world clips and N/4 still images of the train split (images are 1-frame clips, for T2I). Every
    ``i2v_every``-th clip also stores the latent of its first frame, so the trainer runs the I2V path on
-   that share of the data. Shards already written are reused.
+   that share of the data; every ``uncond_every``-th sample gets the empty prompt, so CFG has a trained
+   unconditional branch. Shards already written are reused.
 c. ``OUT_DIR/dit``: the project trainer (:func:`kandinsky5.train.train`) on a from-scratch
    :data:`NANO_DIT`; it resumes from its latest checkpoint by itself.
 d. ``OUT_DIR/nano``: ``transformer/`` (:func:`kandinsky5.checkpoint.save_dit`, diffusers layout) and
@@ -17,8 +18,7 @@ d. ``OUT_DIR/nano``: ``transformer/`` (:func:`kandinsky5.checkpoint.save_dit`, d
 
 Latents are cached as the posterior *mean* (``sample=False``), not a sample: the cache holds one
 encoding per clip for the whole run, so a sample would be one frozen draw of noise, not an augmentation,
-and would only blur the targets. (``kandinsky5.train.encode`` samples, like the official code, for the
-real VAE whose posterior variance is learnt on real data.)
+and would only blur the targets. (``kandinsky5.train.encode`` samples, like the official code does.)
 """
 
 from __future__ import annotations
@@ -44,57 +44,59 @@ import torch
 
 from ..atomic import atomic_write, fsync_path, write_json_durable
 from ..config import DiTConfig
+from ..variants import NANO_DIT
 from .vae_training import VaeReport, train_vae
 
-__all__ = ["NANO_DIT", "QUICK", "RecipeReport", "RecipeSettings", "main", "run_recipe"]
+__all__ = [
+    "NANO_DIT",
+    "QUICK",
+    "RecipeReport",
+    "RecipeSettings",
+    "build_nano_cache",
+    "dit_train_config",
+    "export_nano",
+    "main",
+    "run_recipe",
+    "settings_from_args",
+    "summary_lines",
+]
 
 logger = logging.getLogger(__name__)
 
-# 256 wide, 8 heads of 32 (RoPE pairs 8 + 12 + 12), 1 text block and 6 visual blocks: 9.4 M parameters.
-# A 17×64×64 clip is a 5×8×8 latent and, with 1×2×2 patches, 5×4×4 = 80 tokens; an image 16 tokens.
-# Text comes from MiniLM (384-d tokens and pooled vector); visual_cond gives the I2V input channels.
-NANO_DIT = DiTConfig(
-    model_dim=256,
-    ff_dim=1024,
-    time_dim=128,
-    num_text_blocks=1,
-    num_visual_blocks=6,
-    axes_dims=(8, 12, 12),
-    patch_size=(1, 2, 2),
-    in_visual_dim=16,
-    out_visual_dim=16,
-    in_text_dim=384,
-    in_text_dim2=384,
-    visual_cond=True,
-)
 MAX_EXPORT_BYTES = 50_000_000  # the DiT is stored in bf16 when fp32 weights would pass this
+# The trainer has no caption dropout, so some items are cached with the empty prompt instead: they train
+# the unconditional velocity that classifier-free guidance pushes away from (negative_prompt ""). The
+# cache skips blank captions, hence a marker that encode_text turns into "".
+UNCONDITIONAL = "<empty prompt>"
 NANO_DIR, SOURCE = "nano", "source.json"
 
 
 @dataclass(frozen=True)
 class RecipeSettings:
-    """Step counts, data size and optimisation of one recipe run (defaults: the full run, ~2.5 h on 2 cores)."""
+    """Step counts, data size and optimisation of one recipe run (defaults: the full run, ~2 h on 2 cores)."""
 
     seed: int = 0
     # --- VAE -----------------------------------------------------------------------------------------
-    vae_steps: int = 6000
+    vae_steps: int = 4000
     vae_batch_size: int = 4  # crops per step; full-clip steps take 2 clips
     # --- data ----------------------------------------------------------------------------------------
     clips: int = 4000  # world clips (17×64×64) in the cache
     images: int | None = None  # still images in the cache; None = clips // 4
     i2v_every: int = 4  # every n-th clip also stores its first-frame latent (trained as I2V)
+    uncond_every: int = 10  # every n-th clip and image is stored with the empty prompt (CFG's negative)
     shard_size: int = 256
     # --- DiT (kandinsky5.train) ----------------------------------------------------------------------
-    dit_steps: int = 3000
+    dit_steps: int = 2500
     dit_batch_size: int = 32
     dit_lr: float = 5e-4
     dit_warmup_steps: int = 200  # capped at a tenth of the steps
-    timestep_shift: float = 1.0  # 5×8×8 latents are small: no shift towards high noise
+    timestep_shift: float = 1.0  # 5×16×16 latents are small: no shift towards high noise
     checkpoint_every: int = 500
     quick: bool = False  # CI mode: smaller held-out evaluation of the VAE
 
     def __post_init__(self) -> None:
-        for name in ("vae_steps", "vae_batch_size", "clips", "i2v_every", "shard_size", "dit_steps", "dit_batch_size"):
+        counts = ("vae_steps", "vae_batch_size", "clips", "i2v_every", "uncond_every", "shard_size")
+        for name in (*counts, "dit_steps", "dit_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.images is not None and self.images < 0:
@@ -216,7 +218,7 @@ class _ClipEncoder:
         sample = sample_clip if kind == "video" else sample_image
         frames = np.stack([sample((seed, i)).frames for i in indices])  # as world.dataset: (B, T, 64, 64, 3)
         pixels = torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (B, 3, T, H, W)
-        latents = self.vae.encode(pixels, sample=False, tiling=False)  # (B, T', 8, 8, 16)
+        latents = self.vae.encode(pixels, sample=False, tiling=False)  # (B, T', 16, 16, 16)
         firsts = self.vae.encode(pixels[:, :, :1], sample=False, tiling=False) if kind == "video" else None
         for b, i in enumerate(indices):
             condition = firsts[b, 0] if firsts is not None and i % every == every - 1 else None
@@ -238,6 +240,7 @@ def build_nano_cache(cache_dir: Path, vae_dir: Path, settings: RecipeSettings) -
         "clips": settings.clips,
         "images": settings.num_images,
         "i2v_every": settings.i2v_every,
+        "uncond_every": settings.uncond_every,
     }
     _check_source(cache_dir, source)
     with contextlib.suppress(ValueError):
@@ -253,15 +256,19 @@ def build_nano_cache(cache_dir: Path, vae_dir: Path, settings: RecipeSettings) -
     text_encoder = NanoTextEncoder.from_pretrained()
 
     def encode_text(caption: str):
-        return text_encoder.encode([caption])
+        return text_encoder.encode(["" if caption == UNCONDITIONAL else caption])
+
+    def caption(i: int, sample) -> str:
+        every = settings.uncond_every
+        return UNCONDITIONAL if i % every == every - 1 else sample.caption
 
     logger.info("captioning %d clips and %d images", settings.clips, settings.num_images)
     items = [
-        DataItem(f"video/{i:06d}", ("video", i), clip.caption)
+        DataItem(f"video/{i:06d}", ("video", i), caption(i, clip))
         for i, clip in enumerate(dataset(settings.clips, seed=seed, split="train", kind="video"))
     ]
     items += [
-        DataItem(f"image/{i:06d}", ("image", i), image.caption)
+        DataItem(f"image/{i:06d}", ("image", i), caption(i, image))
         for i, image in enumerate(dataset(settings.num_images, seed=seed, split="train", kind="image"))
     ]
     build_cache(items, encode_video, encode_text, cache_dir, shard_size=settings.shard_size)
@@ -430,9 +437,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="working and output folder")
     parser.add_argument("--quick", action="store_true", help="CI mode: tiny step counts, a minute or two on a CPU")
-    parser.add_argument("--vae-steps", type=int, help=f"VAE steps (default {RecipeSettings.vae_steps})")
-    parser.add_argument("--dit-steps", type=int, help=f"DiT steps (default {RecipeSettings.dit_steps})")
-    parser.add_argument("--clips", type=int, help=f"world clips in the cache (default {RecipeSettings.clips})")
+    full, quick = RecipeSettings(), QUICK
+    parser.add_argument("--vae-steps", type=int, help=f"VAE steps (default {full.vae_steps}; quick {quick.vae_steps})")
+    parser.add_argument("--dit-steps", type=int, help=f"DiT steps (default {full.dit_steps}; quick {quick.dit_steps})")
+    parser.add_argument(
+        "--clips",
+        type=int,
+        help=f"world clips in the cache, plus a quarter as many images (default {full.clips}; quick {quick.clips})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="everything derives from it (default 0)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (tiny models often run faster on 1)")
     return parser
