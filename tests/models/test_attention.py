@@ -15,6 +15,8 @@ from kandinsky5.models.attention import (
     BLOCK,
     DenseAttention,
     _chunks,
+    _sparse_all_rows,
+    _sparse_by_group,
     attention,
     block_sparse_attention,
     dense_attention,
@@ -65,14 +67,32 @@ def test_block_sparse_backends_equal_masked_dense(backend, batch, blocks, heads,
     torch.testing.assert_close(out, reference(q, k, v, mask), rtol=0, atol=1e-5)
 
 
+# cpu-sparse has two strategies, picked by the number of intra-op threads; both must be exact.
+STRATEGIES = {"by-group": _sparse_by_group, "all-rows": _sparse_all_rows}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize(
     "chunk_bytes", [1, 60 * 2 * BLOCK * 16 * 4, 1 << 30], ids=["one-row", "60-blocks", "one-chunk"]
 )
-def test_cpu_sparse_is_exact_for_any_chunking(chunk_bytes):
+def test_cpu_sparse_is_exact_for_any_chunking(strategy, chunk_bytes):
     # Buffers of one row, of 60 key+value blocks (mixed counts, some padded), or everything.
     q, k, v = random_qkv(2, 10, 3, seed=5)
     mask = random_block_mask((2, 3, 10, 10), density=0.5, seed=6)
-    out = block_sparse_attention(q, k, v, mask, chunk_bytes=chunk_bytes)
+    out = STRATEGIES[strategy](q, k, v, mask, chunk_bytes)
+    torch.testing.assert_close(out, reference(q, k, v, mask), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_sparse_picks_a_strategy_by_threads_and_both_are_exact(threads):
+    q, k, v = random_qkv(2, 7, 3, seed=10)
+    mask = random_block_mask((1, 3, 7, 7), density=0.3, seed=11)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = block_sparse_attention(q, k, v, mask)
+    finally:
+        torch.set_num_threads(previous)
     torch.testing.assert_close(out, reference(q, k, v, mask), rtol=0, atol=1e-5)
 
 
@@ -90,6 +110,24 @@ def test_cpu_sparse_gives_zeros_for_a_row_that_keeps_nothing():
     assert not out[0, 2 * BLOCK : 3 * BLOCK, 1].any()
     expected = reference(q, k, v, mask).unflatten(-1, (2, 16))
     torch.testing.assert_close(out[:, :, 0], expected[:, :, 0], rtol=0, atol=1e-5)
+
+
+def test_cpu_sparse_gives_zeros_for_a_mask_that_keeps_nothing():
+    q, k, v = random_qkv(2, 3, 2, seed=7)
+    out = block_sparse_attention(q, k, v, torch.zeros(1, 1, 3, 3, dtype=torch.bool))
+    assert out.shape == (2, 3 * BLOCK, 2 * 16) and not out.any()
+
+
+@pytest.mark.parametrize("backend", ["cpu-sparse", "masked-dense"])
+def test_block_sparse_backends_take_bf16(backend):
+    # bf16 in, bf16 out; against the fp32 reference on the same (bf16-rounded) values, within bf16's
+    # rounding of the result.
+    q, k, v = (x.bfloat16() for x in random_qkv(2, 6, 3, seed=8))
+    mask = random_block_mask((2, 3, 6, 6), density=0.4, seed=9)
+    out = attention(q, k, v, block_mask=mask, backend=backend)
+    assert out.dtype == torch.bfloat16
+    expected = reference(q.float(), k.float(), v.float(), mask)
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=1e-2)
 
 
 def test_chunks_cover_every_row_within_capacity():
