@@ -46,7 +46,7 @@ class FakeVAE:
     def __init__(self):
         self.shapes = []
 
-    def encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator, sample: bool = True) -> torch.Tensor:
         self.shapes.append(tuple(pixels.shape))
         b, _, f, h, w = pixels.shape
         pooled = torch.nn.functional.avg_pool2d(pixels[:, :, ::4].flatten(1, 2), 8)  # (B, 3·T, h, w)

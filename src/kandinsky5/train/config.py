@@ -103,7 +103,7 @@ class TrainConfig:
     validation_size: tuple[int, int] = (256, 256)  # (height, width) in pixels
     validation_num_frames: int = 17  # 4k+1; 1 renders a still (saved as a 1-frame mp4)
     validation_guidance_scale: float | None = None  # None = the variant's, 1.0 for a [model] table
-    validation_vae: str | None = None  # folder or Hub repo with a vae/ subfolder; None = the variant's
+    validation_vae: str | None = None  # folder or Hub repo with a vae/ subfolder; None = the variant's (nano: packaged)
     validation_text_encoders: tuple[str, str] | None = None  # (Qwen2.5-VL, CLIP) folders or repos; None = variant's
 
     def __post_init__(self) -> None:
@@ -191,7 +191,7 @@ def _value_errors(c: TrainConfig) -> list[str]:
     for height, width in c.buckets or ():
         need(
             height > 0 and width > 0 and height % 16 == 0 and width % 16 == 0,
-            f"buckets: sizes must be positive multiples of 16 pixels (VAE x8, patch x2), got {height}x{width}",
+            f"buckets: sizes must be positive multiples of 16 pixels (one DiT token), got {height}x{width}",
         )
     if c.buckets is not None:
         need(len(c.buckets) > 0, "buckets: give at least one [height, width] pair, or leave it out")

@@ -87,12 +87,18 @@ def fit_to_bucket(frames: np.ndarray, buckets: Sequence[tuple[int, int]]) -> tor
 
 
 def media_encoder(
-    vae, buckets: Sequence[tuple[int, int]], max_frames: int, with_condition: bool = False, seed: int = 0
+    vae,
+    buckets: Sequence[tuple[int, int]],
+    max_frames: int,
+    with_condition: bool = False,
+    seed: int = 0,
+    sample: bool = True,
 ) -> Callable[[Path], EncodedVideo]:
     """``encode_video_fn`` for :func:`build_cache`: file → latent (and the first-frame latent for I2V).
 
     Posterior samples come from a CPU generator seeded from ``seed`` and the file name, so a cache is
-    reproducible and files do not all share one noise pattern.
+    reproducible and files do not all share one noise pattern. ``sample=False`` stores the posterior
+    mean instead.
     """
 
     def encode(path: Path) -> EncodedVideo:
@@ -101,11 +107,11 @@ def media_encoder(
         frames = _readable_frames(path, max_frames)
         _check_size(path, frames, buckets, max_frames)
         pixels = fit_to_bucket(frames, buckets)[None]  # (1, 3, F, H, W)
-        latent = vae.encode(pixels, generator=torch.Generator().manual_seed(file_seed))[0]
+        latent = vae.encode(pixels, generator=torch.Generator().manual_seed(file_seed), sample=sample)[0]
         condition = None
         if with_condition:
-            first = pixels[:, :, :1]
-            condition = vae.encode(first, generator=torch.Generator().manual_seed(file_seed + 1))[0, 0]
+            first, generator = pixels[:, :, :1], torch.Generator().manual_seed(file_seed + 1)
+            condition = vae.encode(first, generator=generator, sample=sample)[0, 0]
         return EncodedVideo(latent=latent, condition=condition)
 
     return encode
@@ -134,6 +140,10 @@ def _check_size(path: Path, frames: np.ndarray, buckets: Sequence[tuple[int, int
 def encode_folder(config: TrainConfig, *, vae=None, text_encoder=None) -> CacheSummary:
     """Build ``config.cache_dir`` from ``config.data_dir`` with the variant's VAE and text encoders.
 
+    nano variants use the package's VAE (4x in space: a 17x64x64 clip becomes a 5x16x16 latent, stored as
+    the posterior mean) and MiniLM. Buckets default to the variant's resolutions and ``max_frames`` to its
+    longest clip.
+
     ``vae`` / ``text_encoder`` replace the variant's components (already loaded ones, or tiny test ones).
     """
     variant = config.variant
@@ -143,17 +153,13 @@ def encode_folder(config: TrainConfig, *, vae=None, text_encoder=None) -> CacheS
         raise ConfigError(f"data_dir: {variant.name} is an editing model; encoding edit pairs is not supported")
     items = folder_items(config.data_dir)
     from ..devices import resolve_device
+    from .components import load_text_encoder, load_vae  # nano: the package's VAE and MiniLM
 
     device = resolve_device(config.device)
     if vae is None:
-        from ..vae import ImageVAE, VideoVAE
-
-        vae_class = VideoVAE if variant.is_video else ImageVAE
-        vae = vae_class.from_pretrained(variant.vae_repo_id, subfolder=variant.vae_subfolder, device=device)
+        vae = load_vae(variant, device)
     if text_encoder is None:
-        from ..text import TextEncoder
-
-        text_encoder = TextEncoder.from_spec(variant.text, device=device)
+        text_encoder = load_text_encoder(variant, device)
     spec = variant.text
 
     def encode_text(caption: str):
@@ -161,5 +167,10 @@ def encode_folder(config: TrainConfig, *, vae=None, text_encoder=None) -> CacheS
 
     buckets = config.buckets or variant.resolutions
     max_frames = config.max_frames or variant.max_num_frames
-    encode_media = media_encoder(vae, buckets, max_frames, with_condition=variant.task == "i2v", seed=config.seed)
+    # nano's DiT learned the posterior means (nano/recipe.py), and its VAE's posterior is wide (a sample
+    # strays by about as much as the latent's own spread), so nano is fine-tuned on means too. The
+    # official models get posterior samples, as the official code encodes.
+    sample = variant.vae != "nano"
+    with_condition = variant.task == "i2v"
+    encode_media = media_encoder(vae, buckets, max_frames, with_condition, seed=config.seed, sample=sample)
     return build_cache(items, encode_media, encode_text, config.cache_dir, config.shard_size)

@@ -98,9 +98,10 @@ def build_model(config: TrainConfig, device: torch.device, *, empty: bool = Fals
 
     ``empty``: allocate without initialising (the caller loads a checkpoint over every tensor).
     Otherwise ``init="random"`` uses the (already seeded) global torch RNG and ``"pretrained"`` loads
-    ``weights``, by default the variant's official checkpoint. With ``lora_rank > 0`` peft adapters wrap
-    the ``lora_targets`` and only they train; ``empty`` is then ignored, since a LoRA checkpoint holds the
-    adapters only and the frozen base must be built as at the start.
+    ``weights``, by default the variant's official checkpoint (for nano, the weights in the package).
+    With ``lora_rank > 0`` peft adapters wrap the ``lora_targets`` and only they train; ``empty`` is then
+    ignored, since a LoRA checkpoint holds the adapters only and the frozen base must be built as at the
+    start.
     """
     if empty and not config.lora_rank:
         with torch.device("meta"):
@@ -110,8 +111,9 @@ def build_model(config: TrainConfig, device: torch.device, *, empty: bool = Fals
         model = CrossDiT(config.dit_config).to(device)
     elif config.variant is not None:
         from ..api import load_transformer
+        from .components import dit_source
 
-        source = config.weights or config.variant.name
+        source = config.weights or dit_source(config.variant)  # nano: the package's own weights
         model = load_transformer(source, config.variant.name, device=device, dtype=torch.float32)
     else:
         from ..checkpoint import load_dit

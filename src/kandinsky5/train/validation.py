@@ -7,8 +7,8 @@ compare like for like. Prompts are encoded once, on the first render, and the te
 the VAE stays loaded for the next renders.
 
 The VAE and text encoders come from ``validation_vae`` / ``validation_text_encoders`` or, for a
-variant, from the variant's repositories. Under FSDP every rank samples (the forward passes gather
-the shards together); rank 0 alone decodes and writes.
+variant, from the variant's repositories (nano: the package's VAE, 4x in space, and MiniLM). Under
+FSDP every rank samples (the forward passes gather the shards together); rank 0 alone decodes and writes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import nn
 
 from ..pipeline import PromptEmbeddings, sample_latents
 from ..sampling import initial_noise, latent_frames, timestep_grid
+from .components import load_text_encoder, load_vae, vae_location, vae_spatial_factor
 from .config import TrainConfig
 from .distributed import Distributed
 from .ema import EMA
@@ -56,14 +57,14 @@ class Validator:
     # --- components ----------------------------------------------------------------------------------
 
     def _encode_prompts(self) -> list[tuple[PromptEmbeddings, PromptEmbeddings | None]]:
-        from ..text import TextEncoder
-
         c, variant = self.config, self.config.variant
         if c.validation_text_encoders is not None:
+            from ..text import TextEncoder
+
             qwen, clip = c.validation_text_encoders
             encoder = TextEncoder.from_pretrained(qwen, clip, device=self.device, dtype=torch.float32)
         else:
-            encoder = TextEncoder.from_spec(variant.text, device=self.device, dtype=torch.float32)
+            encoder = load_text_encoder(variant, self.device, torch.float32)  # nano: MiniLM
         template = variant.text.template if variant else "video"
         max_length = variant.text.qwen_max_length if variant else DEFAULT_MAX_TEXT_LENGTH
 
@@ -76,15 +77,20 @@ class Validator:
         return [(encode(prompt), negative) for prompt in c.validation_prompts]
 
     def _load_vae(self):
-        from ..vae import ImageVAE, VideoVAE
-
-        c, variant = self.config, self.config.variant
+        c = self.config
         if c.validation_vae is not None:
+            from ..vae import VideoVAE
+
             return VideoVAE.from_pretrained(c.validation_vae, subfolder="vae", device=self.device, dtype=torch.float32)
-        vae_class = VideoVAE if variant.is_video else ImageVAE
-        return vae_class.from_pretrained(
-            variant.vae_repo_id, subfolder=variant.vae_subfolder, device=self.device, dtype=torch.float32
-        )
+        return load_vae(c.variant, self.device, torch.float32)  # nano: the package's VAE
+
+    def _spatial_factor(self) -> int:
+        """Pixels per latent of the VAE that decodes the clips (4 for nano's, 8 for the official ones)."""
+        if self._vae is not None:
+            return self._vae.spatial_factor
+        c = self.config  # a rank that samples but does not decode: the VAE's config file is enough
+        location = (c.validation_vae, "vae") if c.validation_vae is not None else vae_location(c.variant)
+        return vae_spatial_factor(*location)
 
     # --- rendering -----------------------------------------------------------------------------------
 
@@ -99,8 +105,9 @@ class Validator:
         if self._vae is None and self.parallel.is_main:
             self._vae = self._load_vae()
         height, width = c.validation_size
-        dit_config = model.config
-        shape = (1, latent_frames(c.validation_num_frames), height // 8, width // 8, dit_config.in_visual_dim)
+        factor = self._spatial_factor()  # validation_size is a multiple of 16, so of the factor too
+        frames, channels = latent_frames(c.validation_num_frames), model.config.in_visual_dim
+        shape = (1, frames, height // factor, width // factor, channels)  # (B, T, H/f, W/f, C)
         folder = Path(c.output_dir) / VALIDATION / f"step_{step:07d}"
         written = []
         was_training = model.training
