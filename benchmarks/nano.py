@@ -45,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
             video, gen_s = _timed(lambda run=run: model.generate(PROMPT, seed=run, progress=False))
-            _, save_s = _timed(lambda run=run: video.save(Path(tmp) / f"{run}.mp4"))
+            _, save_s = _timed(lambda run=run, video=video: video.save(Path(tmp) / f"{run}.mp4"))
             stages["generate (text + sampler + decode)"].append(gen_s)
             stages["save mp4"].append(save_s)
             stages["total"].append(gen_s + save_s)
