@@ -4,6 +4,7 @@ Part 1, the kernel: one attention call, batch 1, 8 heads of 64, fp32, over a syn
 NABLA's structure (a sliding-tile window plus random adaptive blocks per head and row) at ~10 % of
 blocks kept. "nabla" = building the adaptive mask from q and k (the per-call cost NABLA always pays)
 + the cpu-sparse kernel on the synthetic mask; the ratio is nabla / dense (goal ≤ 0.15 at 16k).
+With --flex, compiled flex_attention on the same mask is timed too (the compile, ~15-60 s, is not).
 
 Part 2, end to end: one forward of a small CrossDiT (256 wide, 4 heads of 64, 2 visual blocks) on a
 10 s-shaped token grid (16×32×48 tokens), dense against NablaAttention. The weights are random, so
@@ -12,7 +13,7 @@ attention (that is what NABLA exploits), which the low-P row imitates.
 
 Runs are interleaved (dense, nabla, dense, ...) and the best of each is reported.
 
-    python benchmarks/attention.py [--threads N] [--repeats 3] [--skip-32k] [--skip-dit]
+    python benchmarks/attention.py [--threads N] [--repeats 3] [--skip-32k] [--skip-dit] [--flex]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from kandinsky5.config import DiTConfig, NablaConfig
 from kandinsky5.models import CrossDiT, dense_attention
-from kandinsky5.models.attention import BLOCK, block_sparse_attention
+from kandinsky5.models.attention import BLOCK, _flex_attention, block_sparse_attention
 from kandinsky5.models.nabla import TILE, NablaAttention, adaptive_block_mask, sta_mask
 
 HEADS, HEAD_DIM, DENSITY = 8, 64, 0.10
@@ -66,35 +67,41 @@ def synthetic_mask(grid: tuple[int, int, int], window: tuple[int, int, int], gen
     return (sta | extra)[None]
 
 
-def kernel_case(grid: tuple[int, int, int], window: tuple[int, int, int], repeats: int) -> str:
-    """One table row: dense SDPA against mask building + cpu-sparse on a synthetic ~10 % mask."""
+def kernel_case(grid: tuple[int, int, int], window: tuple[int, int, int], repeats: int, flex: bool) -> str:
+    """One table row: dense SDPA against mask building + cpu-sparse (and compiled flex) on a
+    synthetic ~10 % mask."""
     gen = torch.Generator().manual_seed(0)
     seq = grid[0] * grid[1] * grid[2]
     q, k, v = (torch.randn(1, seq, HEADS, HEAD_DIM, generator=gen) for _ in range(3))
     mask = synthetic_mask(grid, window, gen)
-    best = interleaved_best(
-        {
-            "dense": lambda: dense_attention(q, k, v),
-            "mask": lambda: adaptive_block_mask(q, k, 0.9),
-            "sparse": lambda: block_sparse_attention(q, k, v, mask),
-        },
-        repeats,
-    )
+    fns = {
+        "dense": lambda: dense_attention(q, k, v),
+        "mask": lambda: adaptive_block_mask(q, k, 0.9),
+        "sparse": lambda: block_sparse_attention(q, k, v, mask),
+    }
+    if flex:
+        fns["flex"] = lambda: _flex_attention(q, k, v, mask)
+    best = interleaved_best(fns, repeats)
     ratio = (best["mask"] + best["sparse"]) / best["dense"]
-    return (
+    row = (
         f"{seq:>7} {'x'.join(map(str, grid)):>10} {mask.float().mean().item():>6.1%} {best['dense']:>8.3f} "
         f"{best['mask']:>7.3f} {best['sparse']:>9.3f} {ratio:>12.3f}"
     )
+    if flex:
+        row += f" {best['flex']:>7.3f} {(best['mask'] + best['flex']) / best['dense']:>11.3f}"
+    return row
 
 
-def kernel_table(repeats: int, skip_32k: bool) -> None:
+def kernel_table(repeats: int, skip_32k: bool, flex: bool) -> None:
     print(f"\nkernel: batch 1, {HEADS} heads x {HEAD_DIM}, fp32, ~{DENSITY:.0%} of blocks kept")
     header = f"{'tokens':>7} {'grid':>10} {'kept':>6} {'dense s':>8} {'mask s':>7} {'sparse s':>9} {'nabla/dense':>12}"
+    if flex:
+        header += f" {'flex s':>7} {'flex/dense':>11}"
     print(header)
     print("-" * len(header))
     for name, grid, window in KERNEL_CASES:
         if not (skip_32k and name == "32k"):
-            print(kernel_case(grid, window, repeats), flush=True)
+            print(kernel_case(grid, window, repeats, flex), flush=True)
 
 
 def dit_table(repeats: int) -> None:
@@ -152,12 +159,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-32k", action="store_true", help="leave out the 32k-token case")
     parser.add_argument("--skip-dit", action="store_true", help="leave out the end-to-end DiT table")
+    parser.add_argument("--flex", action="store_true", help="also time compiled flex_attention (needs a C++ compiler)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, block {BLOCK} tokens, load {load}")
-    kernel_table(args.repeats, args.skip_32k)
+    kernel_table(args.repeats, args.skip_32k, args.flex)
     if not args.skip_dit:
         dit_table(args.repeats)
 
