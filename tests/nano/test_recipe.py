@@ -52,6 +52,20 @@ def test_both_losses_fall(recipe_run):
     assert report.cache_conditions == TOY.clips // TOY.i2v_every
 
 
+def test_decoder_stage_keeps_the_latent_space(recipe_run):
+    from safetensors.torch import load_file
+
+    out, report = recipe_run
+    first = load_file(next((out / "vae" / "model").glob("*.safetensors")))
+    shipped = load_file(next((out / "nano" / "vae").glob("*.safetensors")))
+    encoder = [k for k in first if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in first if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and all(torch.equal(first[k], shipped[k]) for k in encoder)
+    assert any(not torch.equal(first[k], shipped[k]) for k in decoder)
+    assert report.decoder.steps == TOY.decoder_steps
+    assert report.decoder.scaling_factor == report.vae.scaling_factor
+
+
 def test_cache_holds_unconditional_samples(recipe_run):
     out, _ = recipe_run
     manifest = json.loads((out / "cache" / "manifest.json").read_text())

@@ -2,7 +2,7 @@
 
     python -m kandinsky5.nano.recipe OUT_DIR [--quick] [--vae-steps N] [--dit-steps N] [--clips N]
 
-Four stages, each resumable, the whole run a function of ``--seed`` (docs/nano.md, "Training nano"):
+Five stages, each resumable, the whole run a function of ``--seed`` (docs/nano.md, "Training nano"):
 
 a. ``OUT_DIR/vae``: the causal video VAE (:func:`kandinsky5.nano.vae_training.train_vae`); a finished
    one with the same settings is reused.
@@ -11,6 +11,9 @@ b. ``OUT_DIR/cache``: the latent cache of the project trainer (:func:`kandinsky5
    ``i2v_every``-th clip also stores the latent of its first frame, so the trainer runs the I2V path on
    that share of the data; every ``uncond_every``-th sample gets the empty prompt, so CFG has a trained
    unconditional branch. Shards already written are reused.
+b2. ``OUT_DIR/decoder``: the VAE's decoder alone, fine-tuned on whole clips and images from posterior
+   means (:data:`kandinsky5.nano.vae_training.DECODER_FINETUNE`). The encoder, so the latent space of
+   the cache, does not change; the exported VAE is this one.
 c. ``OUT_DIR/dit``: the project trainer (:func:`kandinsky5.train.train`) on a from-scratch
    :data:`NANO_DIT`; it resumes from its latest checkpoint by itself.
 d. ``OUT_DIR/nano``: ``transformer/`` (:func:`kandinsky5.checkpoint.save_dit`, diffusers layout) and
@@ -45,7 +48,7 @@ import torch
 from ..atomic import atomic_write, fsync_path, write_json_durable
 from ..config import DiTConfig
 from ..variants import NANO_DIT
-from .vae_training import VaeReport, train_vae
+from .vae_training import DECODER_BATCH, DECODER_FINETUNE, VaeReport, train_vae
 
 __all__ = [
     "NANO_DIT",
@@ -79,6 +82,7 @@ class RecipeSettings:
     # --- VAE -----------------------------------------------------------------------------------------
     vae_steps: int = 4000
     vae_batch_size: int = 4  # crops per step; full-clip steps take 2 clips
+    decoder_steps: int = 1200  # stage b2: the decoder alone on whole clips, from posterior means
     # --- data ----------------------------------------------------------------------------------------
     clips: int = 4000  # world clips (17×64×64) in the cache
     images: int | None = None  # still images in the cache; None = clips // 4
@@ -86,7 +90,7 @@ class RecipeSettings:
     uncond_every: int = 10  # every n-th clip and image is stored with the empty prompt (CFG's negative)
     shard_size: int = 256
     # --- DiT (kandinsky5.train) ----------------------------------------------------------------------
-    dit_steps: int = 2500
+    dit_steps: int = 2000
     dit_batch_size: int = 32
     dit_lr: float = 5e-4
     dit_warmup_steps: int = 200  # capped at a tenth of the steps
@@ -95,7 +99,7 @@ class RecipeSettings:
     quick: bool = False  # CI mode: smaller held-out evaluation of the VAE
 
     def __post_init__(self) -> None:
-        counts = ("vae_steps", "vae_batch_size", "clips", "i2v_every", "uncond_every", "shard_size")
+        counts = ("vae_steps", "vae_batch_size", "decoder_steps", "clips", "i2v_every", "uncond_every", "shard_size")
         for name in (*counts, "dit_steps", "dit_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -111,6 +115,7 @@ class RecipeSettings:
 QUICK = RecipeSettings(
     vae_steps=24,
     vae_batch_size=4,
+    decoder_steps=4,
     clips=48,
     images=16,
     shard_size=32,
@@ -135,6 +140,7 @@ class RecipeReport:
     """
 
     vae: VaeReport
+    decoder: VaeReport
     cache_samples: int
     cache_conditions: int
     dit_params: int
@@ -149,7 +155,8 @@ class RecipeReport:
 
     def to_json(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
-        record["vae"], record["export_dir"] = self.vae.to_json(), str(self.export_dir)
+        record["vae"], record["decoder"] = self.vae.to_json(), self.decoder.to_json()
+        record["export_dir"] = str(self.export_dir)
         return record
 
 
@@ -387,6 +394,13 @@ def run_recipe(out_dir: str | Path, settings: RecipeSettings = RecipeSettings())
     counts = build_nano_cache(out_dir / "cache", vae.path, settings)
     seconds["cache"] = time.perf_counter() - start
 
+    start = time.perf_counter()
+    decoder = train_vae(
+        out_dir / "decoder", settings.decoder_steps, DECODER_BATCH, settings.seed, settings.quick,
+        config=DECODER_FINETUNE, init_from=vae.path,
+    )  # fmt: skip
+    seconds["decoder"] = time.perf_counter() - start
+
     config = dit_train_config(out_dir, settings)
     before = _checkpoint_step(Path(config.output_dir))
     start = time.perf_counter()
@@ -396,11 +410,12 @@ def run_recipe(out_dir: str | Path, settings: RecipeSettings = RecipeSettings())
     first, last = _loss_ends(result.output_dir)
 
     start = time.perf_counter()
-    sizes, dtype = export_nano(result.checkpoint, vae.path, out_dir / NANO_DIR)
+    sizes, dtype = export_nano(result.checkpoint, decoder.path, out_dir / NANO_DIR)
     seconds["export"] = time.perf_counter() - start
 
     report = RecipeReport(
         vae=vae,
+        decoder=decoder,
         cache_samples=counts["samples"],
         cache_conditions=counts["conditions"],
         dit_params=_num_parameters(NANO_DIT),
@@ -489,6 +504,8 @@ def summary_lines(report: RecipeReport) -> list[str]:
         + ("" if per_step is None else f"; {per_step:.3f} s/step"),
         f"export: {report.export_dir} (transformer {mb(report.export_bytes['transformer'])} {report.dit_dtype}, "
         f"vae {mb(report.export_bytes['vae'])}; total {mb(report.export_bytes['total'])})",
+        f"decoder fine-tune: {report.decoder.steps} steps; held-out PSNR {report.decoder.psnr:.2f} dB clips, "
+        f"{report.decoder.psnr_image:.2f} dB images",
         "time: " + ", ".join(f"{stage} {s:.0f} s" for stage, s in report.seconds.items()),
     ]
 

@@ -52,6 +52,8 @@ from ..train.checkpointing import latest_checkpoint, load_checkpoint, save_check
 from .world import dataset, sample_clip, sample_image
 
 __all__ = [
+    "DECODER_BATCH",
+    "DECODER_FINETUNE",
     "VaeReport",
     "VaeTrainConfig",
     "build_vae",
@@ -101,6 +103,11 @@ class VaeTrainConfig:
     full_batch_divisor: int = 4  # full clips cost ~13x a crop: max(2, batch_size // 4) clips per full step
     image_every: int = 4  # every n-th step of the crop phase is a batch of 1-frame 64×64 images
 
+    # --- decoder fine-tuning (train_vae(init_from=...)) ------------------------------------------------
+    # Train the decoder alone, on whole clips and images, from the posterior mean: the encoder, and so
+    # the latent space the DiT is trained in, stay exactly as they are (the scaling factor is kept).
+    decoder_only: bool = False
+
     # --- checkpoints and evaluation ------------------------------------------------------------------
     checkpoint_every: int = 250
     keep_last_k: int = 2
@@ -132,6 +139,13 @@ class VaeTrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.kl_weight < 0 or self.mse_weight < 0:
             raise ValueError("lr must be > 0 and kl_weight, mse_weight >= 0")
+
+
+# The recipe's second VAE stage: the decoder alone on whole clips (and every 4th step images), from
+# the posterior mean, so it learns to draw from what the DiT makes. 8 = images per image step; clip steps
+# take 2 clips.
+DECODER_FINETUNE = VaeTrainConfig(decoder_only=True, full_fraction=1.0, lr=1e-4, warmup_steps=50)
+DECODER_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -201,6 +215,14 @@ def build_vae(config: VaeTrainConfig = VaeTrainConfig()):
     return vae
 
 
+def _load_vae(folder: str | Path):
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    vae = AutoencoderKLHunyuanVideo.from_pretrained(folder)
+    _whole_clips(vae)
+    return vae
+
+
 def _whole_clips(vae) -> None:
     vae.use_framewise_encoding = vae.use_framewise_decoding = False
     vae.use_tiling = vae.use_slicing = False
@@ -222,10 +244,11 @@ def _phases(steps: int, config: VaeTrainConfig) -> int:
 
 def _training_batch(step: int, phase: str, batch_size: int, seed: int, config: VaeTrainConfig) -> torch.Tensor:
     """The pixels of step ``step``, a function of ``(seed, step)`` alone: (B, 3, F, H, W) in [-1, 1]."""
-    if phase == "full":
+    image_step = step % config.image_every == config.image_every - 1
+    if phase == "full" and not (config.decoder_only and image_step):
         count = max(2, batch_size // config.full_batch_divisor)  # one clip alone runs ~4x slower per clip
         return _pixels([sample_clip((seed, _STREAM, step, i)).frames for i in range(count)])
-    if step % config.image_every == config.image_every - 1:
+    if image_step:
         return _pixels([sample_image((seed, _STREAM, step, i)).frames for i in range(batch_size)])
     rng = np.random.default_rng([seed, _STREAM, step])
     size, length = config.crop_size, config.crop_frames
@@ -259,7 +282,12 @@ def _lr_at(step: int, steps: int, config: VaeTrainConfig) -> float:
 
 
 def _loss(vae, pixels: torch.Tensor, generator: torch.Generator, config: VaeTrainConfig) -> torch.Tensor:
-    posterior = vae.encode(pixels).latent_dist  # mean and logvar: (B, C, T', H/8, W/8)
+    if config.decoder_only:  # the DiT makes posterior means, so the decoder learns to draw from them
+        with torch.no_grad():
+            z = vae.encode(pixels).latent_dist.mode()
+        error = vae.decode(z).sample - pixels
+        return error.abs().mean() + config.mse_weight * error.square().mean()
+    posterior = vae.encode(pixels).latent_dist  # mean and logvar: (B, C, T', H/4, W/4)
     z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
     recon = vae.decode(z).sample  # (B, 3, F, H, W)
     error = recon - pixels
@@ -370,26 +398,38 @@ def train_vae(
     quick: bool = False,
     *,
     config: VaeTrainConfig = VaeTrainConfig(),
+    init_from: str | Path | None = None,
 ) -> VaeReport:
     """Train (or resume, or reuse) nano's VAE in ``out_dir``; see the module docstring.
 
     ``batch_size`` clips per crop step (and images per image step); full-clip steps take
     ``batch_size // full_batch_divisor``. ``quick`` evaluates on 4 held-out clips and images instead of
     ``eval_clips`` / ``eval_images`` (CI). A finished run with the same settings is returned as it is.
+    ``init_from`` (a finished model folder) starts from those weights; with ``config.decoder_only`` only
+    the decoder trains and the model keeps its scaling factor.
     """
+    if config.decoder_only and init_from is None:
+        raise ValueError("decoder_only fine-tunes a trained VAE: pass init_from=<model folder>")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     out_dir = Path(out_dir)
     settings = _settings(steps, batch_size, seed, quick, config)
+    if init_from is not None:
+        settings["init_from"] = str(init_from)
     done = load_vae_report(out_dir)
     if done is not None and done.settings == settings:
         logger.info("reusing the finished VAE in %s", out_dir)
         return done
 
     torch.manual_seed(seed)
-    vae = build_vae(config).train()
+    vae = build_vae(config) if init_from is None else _load_vae(init_from)
+    vae.train()
+    if config.decoder_only:
+        for module in (vae.encoder, vae.quant_conv):
+            module.requires_grad_(False).eval()
     params = sum(p.numel() for p in vae.parameters())
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
     eval_clips, eval_images = (4, 4) if quick else (config.eval_clips, config.eval_images)
     step, losses, seconds = 0, [], {"crops": 0.0, "full": 0.0}
     checkpoint = latest_checkpoint(out_dir)
@@ -437,7 +477,7 @@ def train_vae(
                 save()
 
     metrics = evaluate_vae(vae, eval_clips, eval_images, seed)
-    scaling_factor = 1.0 / metrics["latent_std"]
+    scaling_factor = float(vae.config.scaling_factor) if config.decoder_only else 1.0 / metrics["latent_std"]
     vae.register_to_config(scaling_factor=scaling_factor)
     model_dir = out_dir / MODEL_DIR
     _save_model_folder(vae, model_dir)
