@@ -77,6 +77,23 @@ def test_folder_items_pair_media_with_captions(media_folder: Path):
         folder_items(media_folder / "missing")
 
 
+def test_metadata_jsonl_captions_win_over_txt(media_folder: Path):
+    lines = [
+        '{"file_name": "nocaption.jpg", "text": "a dark square"}',
+        "",
+        '{"file_name": "clips/fox.mp4", "caption": "a fox in the snow"}',
+    ]
+    (media_folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    items = {i.key: i.caption for i in folder_items(media_folder)}
+    assert items == {"cat.png": "a cat", "clips/fox.mp4": "a fox in the snow", "nocaption.jpg": "a dark square"}
+    (media_folder / "metadata.jsonl").write_text('{"file_name": "cat.png"}\n')
+    with pytest.raises(ConfigError, match=r"metadata.jsonl:1: needs \"file_name\""):
+        folder_items(media_folder)
+    (media_folder / "metadata.jsonl").write_text("{not json\n")
+    with pytest.raises(ConfigError, match="metadata.jsonl:1: not JSON"):
+        folder_items(media_folder)
+
+
 def test_read_frames_keeps_4k_plus_1(media_folder: Path):
     assert read_frames(media_folder / "clips" / "fox.mp4", max_frames=121).shape == (9, 48, 80, 3)
     assert read_frames(media_folder / "clips" / "fox.mp4", max_frames=5).shape == (5, 48, 80, 3)

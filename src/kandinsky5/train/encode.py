@@ -6,6 +6,10 @@ Folder layout: any tree of media files, each with its caption in a ``.txt`` file
       clips/fox.mp4     clips/fox.txt      ("A red fox runs through fresh snow ...")
       stills/cat.png    stills/cat.txt
 
+or captions in ``data/metadata.jsonl`` (the Hugging Face "imagefolder" convention), one JSON object per
+line with ``file_name`` (relative to the folder) and the caption under ``caption``, ``text`` or
+``prompt``; a caption there wins over a ``.txt`` file.
+
 Each file is resized to cover the nearest bucket (by aspect ratio) and centre-cropped to it; a video
 keeps its first ``4k+1`` frames up to ``max_frames`` at its own frame rate (Kandinsky 5 video models
 were trained at 24 fps: convert first). Media without a caption file, files that cannot be decoded
@@ -26,7 +30,15 @@ import torch
 from .config import ConfigError, TrainConfig
 from .data import CacheSummary, DataItem, EncodedVideo, SkipItem, build_cache, nearest_bucket
 
-__all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "encode_folder", "folder_items", "media_encoder", "read_frames"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "VIDEO_SUFFIXES",
+    "encode_folder",
+    "folder_items",
+    "media_encoder",
+    "read_frames",
+    "read_metadata",
+]
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -34,17 +46,49 @@ MAX_UPSCALE = 2.0  # media needing more enlargement than this to cover their buc
 MIN_VIDEO_FRAMES = 5  # one latent frame beyond the first; shorter video files are skipped as too small
 
 
+METADATA_FILE = "metadata.jsonl"
+CAPTION_FIELDS = ("caption", "text", "prompt")
+
+
+def read_metadata(root: Path) -> dict[str, str]:
+    """Captions by relative file name from ``root/metadata.jsonl`` ({} when there is none).
+
+    A line that is not a JSON object with ``file_name`` and a caption field is a ConfigError naming the
+    line: a broken metadata file would otherwise silently drop captions from the whole data set.
+    """
+    import json
+
+    path = root / METADATA_FILE
+    if not path.is_file():
+        return {}
+    captions = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{number}: not JSON ({err.msg})") from None
+        field = next((f for f in CAPTION_FIELDS if isinstance(record, dict) and f in record), None)
+        if not isinstance(record, dict) or not isinstance(record.get("file_name"), str) or field is None:
+            raise ConfigError(f'{path}:{number}: needs "file_name" and one of {", ".join(CAPTION_FIELDS)}')
+        captions[Path(record["file_name"]).as_posix()] = str(record[field]).strip()
+    return captions
+
+
 def folder_items(data_dir: str | Path) -> list[DataItem]:
-    """Every video or image under ``data_dir`` (sorted by relative path) with its ``.txt`` caption or None."""
+    """Every video or image under ``data_dir`` (sorted by relative path) with its caption or None."""
     root = Path(data_dir)
     if not root.is_dir():
         raise ConfigError(f"data_dir: {root} is not a folder")
+    listed = read_metadata(root)
     items = []
     for path in sorted(root.rglob("*")):
         if not path.is_file() or path.suffix.lower() not in VIDEO_SUFFIXES | IMAGE_SUFFIXES:
             continue
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
+        caption = listed.get(path.relative_to(root).as_posix(), caption)
         items.append(DataItem(key=path.relative_to(root).as_posix(), media=path, caption=caption))
     if not items:
         raise ConfigError(
