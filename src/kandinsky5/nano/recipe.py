@@ -66,7 +66,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MAX_EXPORT_BYTES = 50_000_000  # the DiT is stored in bf16 when fp32 weights would pass this
+MAX_EXPORT_BYTES = 50_000_000  # what the package may hold for nano (DiT + VAE)
 # The trainer has no caption dropout, so some items are cached with the empty prompt instead: they train
 # the unconditional velocity that classifier-free guidance pushes away from (negative_prompt ""). The
 # cache skips blank captions, hence a marker that encode_text turns into "".
@@ -340,18 +340,20 @@ def _checkpoint_step(output_dir: Path) -> int:
 def export_nano(dit_checkpoint: Path, vae_dir: Path, dest: Path) -> tuple[dict[str, int], torch.dtype]:
     """Write ``dest/transformer`` and ``dest/vae`` (diffusers layout) beside ``dest``, then rename into place.
 
-    The DiT is kept in fp32 when DiT and VAE together stay within ``MAX_EXPORT_BYTES``; otherwise its bulk
-    goes to bf16 (time embedding and modulation stay fp32, as in the official checkpoints).
-    Returns the file sizes and the DiT's export dtype.
+    The DiT's bulk is stored in bf16 (time embedding and modulation stay fp32, as in the official
+    checkpoints): it halves what the package and every retrain add to the repository, and nano computes in
+    fp32 on the CPU anyway. Raises ValueError above ``MAX_EXPORT_BYTES``. Returns the file sizes and the
+    DiT's export dtype.
     """
     from ..checkpoint import load_dit, save_dit
     from ..safetensors_file import nbytes
 
     model = load_dit(dit_checkpoint / "model.safetensors", NANO_DIT, dtype=torch.float32)
-    vae_bytes = _vae_weights(vae_dir).stat().st_size
-    fp32_bytes = sum(nbytes(t) for t in model.state_dict().values())
-    dtype = torch.float32 if fp32_bytes + vae_bytes <= MAX_EXPORT_BYTES else torch.bfloat16
+    dtype = torch.bfloat16
     model.cast_(dtype)
+    total = _vae_weights(vae_dir).stat().st_size + sum(nbytes(t) for t in model.state_dict().values())
+    if total > MAX_EXPORT_BYTES:
+        raise ValueError(f"nano would take {total / 1e6:.1f} MB, more than the {MAX_EXPORT_BYTES / 1e6:.0f} MB allowed")
 
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
     try:
