@@ -115,7 +115,7 @@ def _run_models(args: argparse.Namespace) -> int:
             (
                 v.name,
                 v.task,
-                f"{v.num_parameters / 1e9:.2f}B",
+                f"{v.num_parameters / 1e9:.2f}B" if v.num_parameters >= 1e8 else f"{v.num_parameters / 1e6:.1f}M",
                 f"{s.height}x{s.width}",
                 str(s.num_frames),
                 str(s.num_inference_steps),
