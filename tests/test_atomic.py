@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from kandinsky5.atomic import atomic_write
+from kandinsky5.atomic import atomic_write, atomic_write_folder
 
 
 def test_atomic_write_creates_parents_and_respects_umask(tmp_path):
@@ -34,3 +34,28 @@ def test_failed_write_removes_the_folders_it_created(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "new" / "deeper" / "x.bin", lambda tmp: (_ for _ in ()).throw(KeyboardInterrupt))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_folder_replaces_whole_or_not_at_all(tmp_path):
+    dest = tmp_path / "model"
+
+    def write(files):
+        def fill(folder):
+            folder.mkdir()
+            for name, text in files.items():
+                (folder / name).write_text(text)
+
+        return fill
+
+    atomic_write_folder(dest, write({"a.json": "1", "b.bin": "2"}))
+    atomic_write_folder(dest, write({"a.json": "3"}))
+    assert {p.name: p.read_text() for p in dest.iterdir()} == {"a.json": "3"}
+
+    def broken(folder):
+        write({"a.json": "4"})(folder)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_folder(dest, broken)
+    assert {p.name: p.read_text() for p in dest.iterdir()} == {"a.json": "3"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or old folder left

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "atomic_write",
+    "atomic_write_folder",
     "fsync_path",
     "make_parents",
     "new_temp_file",
@@ -77,6 +79,31 @@ def remove_empty(folders: Iterable[Path]) -> None:
             d.rmdir()
         except OSError:
             break
+
+
+def atomic_write_folder(dest: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(temp_folder)``, fsync its files, then put the folder at ``dest``, replacing an old one.
+
+    The old folder is renamed aside first and deleted after the new one is in place, so ``dest`` is
+    never half-written; on failure the temp folder is removed and ``dest`` is left as it was.
+    """
+    dest = Path(dest)
+    tmp = temp_beside(dest)
+    try:
+        write(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                fsync_path(path)
+        if dest.exists():
+            old = temp_beside(dest).with_suffix(".old")
+            os.rename(dest, old)
+            shutil.rmtree(old)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(dest.parent)
+    return dest
 
 
 def atomic_write(dest: Path, write: Callable[[Path], None]) -> Path:

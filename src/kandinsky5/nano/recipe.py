@@ -32,8 +32,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import secrets
 import shutil
 import sys
 import time
@@ -45,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_write, fsync_path, write_json_durable
+from ..atomic import atomic_write, atomic_write_folder, write_json_durable
 from ..config import DiTConfig
 from ..variants import NANO_DIT
 from .vae_training import DECODER_BATCH, DECODER_FINETUNE, VaeReport, train_vae
@@ -355,21 +353,11 @@ def export_nano(dit_checkpoint: Path, vae_dir: Path, dest: Path) -> tuple[dict[s
     if total > MAX_EXPORT_BYTES:
         raise ValueError(f"nano would take {total / 1e6:.1f} MB, more than the {MAX_EXPORT_BYTES / 1e6:.0f} MB allowed")
 
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         save_dit(model, tmp, layout="diffusers")
         shutil.copytree(vae_dir, tmp / "vae")
-        for path in (tmp / "vae").iterdir():
-            fsync_path(path)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.old")
-            os.rename(dest, old)
-            shutil.rmtree(old)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_path(dest.parent)
+
+    atomic_write_folder(dest, write)
     sizes = {part: sum(f.stat().st_size for f in (dest / part).iterdir()) for part in ("transformer", "vae")}
     sizes["total"] = sizes["transformer"] + sizes["vae"]
     return sizes, dtype

@@ -35,9 +35,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import secrets
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write, fsync_path, write_json_durable
+from ..atomic import atomic_write, atomic_write_folder, write_json_durable
 from ..train.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .world import dataset, sample_clip, sample_image
 
@@ -353,20 +350,7 @@ def evaluate_vae(vae, num_clips: int, num_images: int, seed: int = 0, batch_size
 
 def _save_model_folder(vae, dest: Path) -> None:
     """``save_pretrained`` into a hidden folder beside ``dest``, then rename it into place."""
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        vae.save_pretrained(tmp, safe_serialization=True)
-        for path in tmp.iterdir():
-            fsync_path(path)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.old")
-            os.rename(dest, old)
-            shutil.rmtree(old)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_path(dest.parent)
+    atomic_write_folder(dest, lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
 
 
 def load_vae_report(out_dir: str | Path) -> VaeReport | None:
