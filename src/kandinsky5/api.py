@@ -32,7 +32,15 @@ from .offload import Placement
 from .pipeline import Conditioning, PromptEmbeddings, sample_latents
 from .request import plan_generation
 from .sampling import initial_noise, latent_frames, timestep_grid
-from .variants import Variant, get_variant, packaged_path, resolve_model_name, variant_for_folder, variant_for_repo
+from .variants import (
+    Variant,
+    get_variant,
+    nano_variant,
+    packaged_path,
+    resolve_model_name,
+    variant_for_folder,
+    variant_for_repo,
+)
 
 __all__ = [
     "Kandinsky5ImageLite",
@@ -359,9 +367,6 @@ class Kandinsky5Nano(Kandinsky5Model):
 
     def for_task(self, task: str) -> Kandinsky5Nano:
         """The same loaded weights as another task: "t2v" (nano), "i2v" (nano-i2v) or "t2i" (nano-t2i)."""
-        names = {"t2v": "nano", "i2v": "nano-i2v", "t2i": "nano-t2i"}
-        if task not in names:
-            raise ValueError(f"nano does {', '.join(names)}, not {task!r}")
-        twin = Kandinsky5Nano(get_variant(names[task]), self.dit, self.text_encoder, self.vae, self.device)
+        twin = Kandinsky5Nano(nano_variant(task), self.dit, self.text_encoder, self.vae, self.device)
         twin.placement = self.placement
         return twin

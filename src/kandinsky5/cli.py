@@ -304,14 +304,14 @@ def _lora(text: str, variant: Variant) -> tuple[Path, float]:
 def _nano_task(variant: Variant, image: str | None, output: str | None) -> Variant:
     """nano's one set of weights does T2V, I2V and T2I: --image picks I2V, an image file for -o picks T2I."""
     from kandinsky5.media import IMAGE_SUFFIXES
-    from kandinsky5.variants import get_variant
+    from kandinsky5.variants import nano_variant
 
     if variant.name != "nano":
         return variant
     if image is not None:
-        return get_variant("nano-i2v")
+        return nano_variant("i2v")
     if output is not None and Path(output).suffix.lower() in IMAGE_SUFFIXES:
-        return get_variant("nano-t2i")
+        return nano_variant("t2i")
     return variant
 
 

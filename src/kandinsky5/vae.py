@@ -67,8 +67,8 @@ class _LatentAutoencoder:
         # official ones (for which latents would be scaled differently from what the DiT was trained on).
         self.scaling_factor = float(vae.config.scaling_factor)
         # nano's VAE (4x in space) carries its own factor; only the official 8x geometry warns.
-        official_geometry = getattr(vae.config, "spatial_compression_ratio", SPATIAL_FACTOR) == SPATIAL_FACTOR
-        if official_geometry and not math.isclose(self.scaling_factor, self.expected_scaling_factor, rel_tol=1e-6):
+        unexpected = not math.isclose(self.scaling_factor, self.expected_scaling_factor, rel_tol=1e-6)
+        if unexpected and self.spatial_factor == SPATIAL_FACTOR:
             logger.warning(
                 "%s VAE scaling_factor is %g, the official %s VAE uses %g; using the config value",
                 self.kind,

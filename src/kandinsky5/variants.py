@@ -34,6 +34,7 @@ __all__ = [
     "variant_for_folder",
     "parameter_count",
     "packaged_path",
+    "nano_variant",
     "NANO_DIT",
 ]
 
@@ -501,11 +502,25 @@ NANO_PACKAGE_DIR = "nano/weights"  # inside the kandinsky5 package: transformer/
 NANO_SIZE, NANO_FRAMES, NANO_FPS = 64, 17, 8
 
 
+NANO_TASKS = ("t2v", "i2v", "t2i")
+
+
+def _nano_name(task: str) -> str:
+    return "nano" if task == "t2v" else f"nano-{task}"
+
+
+def nano_variant(task: str) -> Variant:
+    """The nano entry for ``task`` ("t2v", "i2v" or "t2i"); all three share one set of weights."""
+    if task not in NANO_TASKS:
+        raise ValueError(f"nano does {', '.join(NANO_TASKS)}, not {task!r}")
+    return VARIANTS[_nano_name(task)]
+
+
 def _nano(task: Task) -> Variant:
     video = task != "t2i"
     what = {"t2v": "text-to-video", "i2v": "image-to-video", "t2i": "text-to-image"}[task]
     return Variant(
-        name="nano" if task == "t2v" else f"nano-{task}",
+        name=_nano_name(task),
         description=f"nano 9.5M (shapes world, runs on any CPU) {what}",
         task=task,
         dit=NANO_DIT,
@@ -560,7 +575,7 @@ def _build_registry() -> dict[str, Variant]:
         _image_lite("i2i", "sft"),
         _image_lite("i2i", "pretrain"),
         # nano: our tiny model, weights in the package.
-        *(_nano(task) for task in ("t2v", "i2v", "t2i")),
+        *(_nano(task) for task in NANO_TASKS),
     ]
     registry: dict[str, Variant] = {}
     for variant in variants:
