@@ -36,6 +36,7 @@ __all__ = [
     "packaged_path",
     "nano_variant",
     "NANO_DIT",
+    "NANO_ROPE_SCALE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -484,13 +485,18 @@ def _image_lite(task: Task, stage: str) -> Variant:
 # A 17×64×64 clip is a 5×16×16 latent (nano's VAE is 4x in space) and, with 1×4×4 patches, 5×4×4 = 80
 # tokens; an image 16 tokens. So a token covers 16×16 pixels, as with the real VAE's 8x and 1×2×2 patches.
 # Text comes from MiniLM (384-d tokens and pooled vector).
+# nano's token grid is tiny (5×4×4), so with the official RoPE only the first pair or two of each axis
+# turn by a useful angle between neighbours. 4 heads of 64 (the official axes split 16/24/24) and
+# angles multiplied by 2 in time and 4 in space (rope_scale divides them) give every axis several
+# pairs that tell positions apart (docs/nano.md).
+NANO_ROPE_SCALE = (0.5, 0.25, 0.25)
 NANO_DIT = DiTConfig(
     model_dim=256,
     ff_dim=1024,
     time_dim=128,
     num_text_blocks=1,
     num_visual_blocks=6,
-    axes_dims=(8, 12, 12),
+    axes_dims=(16, 24, 24),
     patch_size=(1, 4, 4),
     in_visual_dim=16,
     out_visual_dim=16,
@@ -532,7 +538,7 @@ def _nano(task: Task) -> Variant:
             width=NANO_SIZE,
             num_frames=NANO_FRAMES if video else 1,
             fps=NANO_FPS,
-            rope_scale=(1.0, 1.0, 1.0),
+            rope_scale=NANO_ROPE_SCALE,
             negative_prompt="",  # the recipe trains the unconditional branch on the empty prompt
         ),
         attention="dense",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import TINY_DIT, make_cache, tiny_config, write_toml
 
+from kandinsky5.nano.recipe import train_dit
 from kandinsky5.train import train
 from kandinsky5.train.checkpointing import latest_checkpoint
 from kandinsky5.train.config import ConfigError
@@ -99,3 +101,15 @@ def test_world_size_and_kind_from_the_environment(tmp_path: Path, monkeypatch):
     share = [Distributed("ddp", rank, 3, rank).share(4) for rank in range(3)]
     assert share == [[0, 3], [1], [2]]
     assert Distributed("ddp", 1, 2, 1).loss_weight([1], 3) == pytest.approx(2 / 3)
+
+
+def test_the_nano_recipe_spawns_ranks_that_follow_one_process(tmp_path: Path):
+    make_cache(tmp_path / "cache", n=5)
+    one = tiny_config(tmp_path, output_dir=str(tmp_path / "one"), max_steps=3, checkpoint_every=3, **RUN)
+    assert train_dit(one, 1) == (3, tmp_path / "one" / "final" / "official" / "model.safetensors")
+    step, weights = train_dit(dataclasses.replace(one, output_dir=str(tmp_path / "two")), 2)
+    assert (step, weights) == (3, tmp_path / "two" / "final" / "official" / "model.safetensors")
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5, abs=1e-6)
+    trained = load_file(weights)
+    for key, value in load_file(tmp_path / "one" / "final" / "official" / "model.safetensors").items():
+        torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=1e-5)
