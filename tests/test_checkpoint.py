@@ -115,7 +115,9 @@ def test_diffusers_round_trip(tmp_path: Path, max_shard_size: int) -> None:
 
     loaded = load_dit(files, config, layout="diffusers")
     assert_same_weights(model, loaded)
-    assert torch.equal(run(model), run(loaded))
+    # The weights are bit-equal (above); the outputs may differ in the last bits because memory-mapped
+    # shards are not aligned like fresh tensors, and AVX2 matmul kernels sum differently then.
+    torch.testing.assert_close(run(model), run(loaded), rtol=1e-5, atol=1e-5)
 
 
 def test_diffusers_resave_removes_stale_shards(tmp_path: Path) -> None:

@@ -41,6 +41,10 @@ from tests.models.conftest import _assert_no_zero_parameter, _random_state_dict,
 from tests.models.test_dit_parity import build_pair, reference_model  # noqa: E402
 
 TOL = 1e-4  # max abs difference of the final latents
+# With bf16 q/k, a last-bit fp32 difference before the rounding (batched CFG runs other matmul shapes than
+# diffusers' separate calls, and CPUs without AVX-512 block them differently) can flip one bf16 rounding.
+# Seen on a 2-core AMD EPYC (AVX2): 3.5e-4 on latents of scale 22. So there the bound is relative.
+TOL_BF16_QK = 5e-5  # times the largest |latent|
 SPATIAL, TEMPORAL = 8, 4  # the pipelines' VAE factors when no VAE is given (Hunyuan: 8x, 4x; T2I: 8x)
 VIDEO_ROPE_SCALE = (1.0, 3.16, 3.16)  # what the T2V pipeline picks outside 480..854 px (all sizes here)
 IMAGE_ROPE_SCALE = (1.0, 1.0, 1.0)  # the T2I pipeline always uses 1
@@ -150,9 +154,10 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def assert_parity(ours: torch.Tensor, theirs: torch.Tensor, noise: torch.Tensor) -> None:
-    diff = max_diff(ours, theirs)
-    assert diff <= TOL, f"max |ours - diffusers| = {diff:.3g} (latent scale {theirs.abs().max().item():.3g})"
+def assert_parity(ours: torch.Tensor, theirs: torch.Tensor, noise: torch.Tensor, round_qk: bool = False) -> None:
+    diff, scale = max_diff(ours, theirs), theirs.abs().max().item()
+    tol = max(TOL, TOL_BF16_QK * scale) if round_qk else TOL
+    assert diff <= tol, f"max |ours - diffusers| = {diff:.3g} (latent scale {scale:.3g})"
     # The sampler really moved the latents (a no-op sampler on both sides would also "agree").
     assert max_diff(theirs, noise) > 0.5
 
@@ -277,7 +282,7 @@ def run_case(models, round_qk: bool, task: str, guidance, batch, length, neg_len
     run = diffusers_t2v if video else diffusers_t2i
     theirs = run(ref, noise, steps, shift, guidance, diffusers_text(tokens, pooled, negative))
     assert mine.dtype == theirs.dtype == torch.float32
-    assert_parity(mine, theirs, noise)
+    assert_parity(mine, theirs, noise, round_qk)
 
 
 @pytest.mark.parametrize("round_qk", QK_MODES)
