@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from kandinsky5.nano import vae_training
 from kandinsky5.nano.recipe import NANO_DIT, QUICK, RecipeSettings, main, run_recipe, settings_from_args
 from kandinsky5.nano.vae_training import VaeTrainConfig, _phases, _training_batch, train_vae
+from kandinsky5.train.trainer import read_metrics
 
 # Smaller than --quick: 8 VAE steps (the last one on a full clip), 16 clips + 4 images, 40 DiT steps.
 TOY = dataclasses.replace(
@@ -99,6 +100,22 @@ def test_transformer_export_loads(recipe_run):
     assert sum(p.numel() for p in model.parameters()) == report.dit_params
     assert model.dtype == getattr(torch, report.dit_dtype)
     assert report.export_bytes["total"] <= 50_000_000
+
+
+def test_the_exported_dit_is_the_high_noise_one(recipe_run):
+    from safetensors.torch import load_file
+
+    from kandinsky5.checkpoint import official_key
+
+    out, _ = recipe_run
+    tail = out / "dit-high-noise"
+    assert read_metrics(tail)[-1]["step"] == str(TOY.dit_high_noise_steps)
+    exported = load_file(out / "nano" / "transformer" / "diffusion_pytorch_model.safetensors")
+    tail_weights = load_file(tail / "final" / "official" / "model.safetensors")
+    first_weights = load_file(out / "dit" / "final" / "official" / "model.safetensors")
+    key = next(k for k in exported if official_key(k) in tail_weights and exported[k].dtype == torch.bfloat16)
+    assert torch.equal(exported[key], tail_weights[official_key(key)].to(torch.bfloat16))
+    assert not torch.equal(tail_weights[official_key(key)], first_weights[official_key(key)])
 
 
 def test_rerun_reuses_everything(recipe_run):
