@@ -83,7 +83,7 @@ NANO_DIR, SOURCE = "nano", "source.json"
 
 @dataclass(frozen=True)
 class RecipeSettings:
-    """Step counts, data size and optimisation of one recipe run (defaults: the full run, ~2.5 h on 2 cores)."""
+    """Step counts, data size and optimisation of one recipe run (defaults: the full run, ~2.8 h on 2 cores)."""
 
     seed: int = 0
     # --- VAE -----------------------------------------------------------------------------------------
