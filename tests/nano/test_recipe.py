@@ -103,8 +103,6 @@ def test_transformer_export_loads(recipe_run):
 
 
 def test_the_exported_dit_is_the_high_noise_one(recipe_run):
-    from safetensors.torch import load_file
-
     from kandinsky5.checkpoint import official_key
 
     out, _ = recipe_run

@@ -350,11 +350,11 @@ def high_noise_train_config(out_dir: Path, settings: RecipeSettings, weights: Pa
 
 
 def train_dit(config, processes: int) -> tuple[int, Path]:
-    """Stage c: the trainer here (``processes`` = 1) or in ``processes`` one-thread DDP ranks spawned
-    here, which join over gloo on a free local port. Returns the step reached and the trained DiT's
-    weights, ``final/official/model.safetensors`` (DDP checkpoints are sharded, this file never is)."""
+    """Stages c and c2: the trainer here (``processes`` = 1) or in ``processes`` one-thread DDP ranks
+    spawned here, which join over gloo on a free local port. Returns the step reached and the trained
+    DiT's official-layout weight file from ``final/`` (DDP checkpoints are sharded, that file never is)."""
     from ..train import train
-    from ..train.export import FINAL
+    from ..train.export import final_files
 
     if processes == 1:
         step = train(config).step
@@ -362,7 +362,7 @@ def train_dit(config, processes: int) -> tuple[int, Path]:
         ranks_config = dataclasses.replace(config, distributed="ddp")
         torch.multiprocessing.spawn(_dit_rank, args=(ranks_config, processes, _free_port()), nprocs=processes)
         step = _checkpoint_step(Path(config.output_dir))
-    return step, Path(config.output_dir) / FINAL / "official" / "model.safetensors"
+    return step, final_files(config)[0]  # a full DiT (no LoRA): official/model.safetensors first
 
 
 def _free_port() -> int:
