@@ -481,7 +481,7 @@ def _image_lite(task: Task, stage: str) -> Variant:
 
 # nano (docs/nano.md): our own few-million-parameter model of the same architecture, trained on the
 # shapes world by kandinsky5.nano.recipe; one set of weights in the package does T2V, I2V and T2I.
-# 256 wide, 8 heads of 32 (RoPE pairs 8 + 12 + 12), 1 text block and 6 visual blocks: 9.5 M parameters.
+# 256 wide, 4 heads of 64 (RoPE axes 16 + 24 + 24), 1 text block and 6 visual blocks: 9.5 M parameters.
 # A 17×64×64 clip is a 5×16×16 latent (nano's VAE is 4x in space) and, with 1×4×4 patches, 5×4×4 = 80
 # tokens; an image 16 tokens. So a token covers 16×16 pixels, as with the real VAE's 8x and 1×2×2 patches.
 # Text comes from MiniLM (384-d tokens and pooled vector).
