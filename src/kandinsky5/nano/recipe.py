@@ -2,7 +2,7 @@
 
     python -m kandinsky5.nano.recipe OUT_DIR [--quick] [--vae-steps N] [--dit-steps N] [--clips N] [--dit-processes N]
 
-Six stages, each resumable, the whole run a function of ``--seed`` (docs/nano.md, "Training nano"):
+Five stages, each resumable, the whole run a function of ``--seed`` (docs/nano.md, "Training nano"):
 
 a. ``OUT_DIR/vae``: the causal video VAE (:func:`kandinsky5.nano.vae_training.train_vae`); a finished
    one with the same settings is reused.
@@ -15,12 +15,12 @@ b2. ``OUT_DIR/decoder``: the VAE's decoder alone, fine-tuned on whole clips and 
    means (:data:`kandinsky5.nano.vae_training.DECODER_FINETUNE`). The encoder, so the latent space of
    the cache, does not change; the exported VAE is this one.
 c. ``OUT_DIR/dit``: the project trainer (:func:`kandinsky5.train.train`) on a from-scratch
-   :data:`NANO_DIT`; it resumes from its latest checkpoint by itself. It runs as ``dit_processes``
-   one-thread DDP ranks (gloo) spawned by the recipe: on 2 cores two such ranks train ~1.5x faster than
-   one process with two threads (measured), and N ranks follow the trajectory of one process.
-c2. ``OUT_DIR/dit-high-noise``: the stage-c DiT trained on with timesteps shifted towards noise
-   (``dit_high_noise_shift``): with shift 1 only ~1.4 % of the samples have t > 0.9, where the object
-   must come from the text (docs/nano.md); the exported DiT is this one. 0 steps skips it.
+   :data:`NANO_DIT`, with timesteps shifted towards noise (``timestep_shift`` 3: with shift 1 only ~1.4 %
+   of the samples have t > 0.9, where the object must come from the text; docs/nano.md) and an EMA of the
+   weights, which is what it exports. It resumes from its latest checkpoint by itself. It runs as
+   ``dit_processes`` one-thread DDP ranks (gloo) spawned by the recipe: on 2 cores two such ranks train
+   ~1.5x faster than one process with two threads (measured), and N ranks follow the trajectory of one
+   process.
 d. ``OUT_DIR/nano``: ``transformer/`` (:func:`kandinsky5.checkpoint.save_dit`, diffusers layout) and
    ``vae/`` (diffusers ``save_pretrained``), written beside and renamed into place.
 
@@ -62,7 +62,6 @@ __all__ = [
     "RecipeSettings",
     "build_nano_cache",
     "dit_train_config",
-    "high_noise_train_config",
     "train_dit",
     "export_nano",
     "main",
@@ -97,15 +96,13 @@ class RecipeSettings:
     uncond_every: int = 10  # every n-th clip and image is stored with the empty prompt (CFG's negative)
     shard_size: int = 256
     # --- DiT (kandinsky5.train) ----------------------------------------------------------------------
-    dit_steps: int = 4500
+    dit_steps: int = 5900
     dit_batch_size: int = 32
     dit_lr: float = 5e-4
     dit_warmup_steps: int = 200  # capped at a tenth of the steps
-    timestep_shift: float = 1.0  # 5×16×16 latents are small: no shift towards high noise
+    timestep_shift: float = 3.0  # towards noise, where the layout is decided (docs/nano.md)
+    dit_ema_decay: float | None = 0.999  # the export is the EMA of the weights; None exports the last weights
     dit_processes: int = 2  # one-thread DDP ranks for the DiT stage (1 = train in this process)
-    dit_high_noise_steps: int = 1400  # stage c2 (0 = none)
-    dit_high_noise_shift: float = 3.0
-    dit_high_noise_lr: float = 3e-4
     checkpoint_every: int = 500
     quick: bool = False  # CI mode: smaller held-out evaluation of the VAE
 
@@ -114,8 +111,6 @@ class RecipeSettings:
         for name in (*counts, "dit_steps", "dit_batch_size", "dit_processes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.dit_high_noise_steps < 0:
-            raise ValueError(f"dit_high_noise_steps must be >= 0, got {self.dit_high_noise_steps}")
         if self.images is not None and self.images < 0:
             raise ValueError(f"images must be >= 0, got {self.images}")
 
@@ -138,7 +133,7 @@ QUICK = RecipeSettings(
     dit_warmup_steps=10,
     checkpoint_every=50,
     dit_processes=1,
-    dit_high_noise_steps=10,
+    dit_ema_decay=None,  # an average over 150 steps would still be mostly the random start
     quick=True,
 )
 
@@ -325,6 +320,7 @@ def dit_train_config(out_dir: Path, settings: RecipeSettings):
         max_steps=settings.dit_steps,
         seed=settings.seed,
         timestep_shift=settings.timestep_shift,
+        ema_decay=settings.dit_ema_decay,
         rope_scale=NANO_ROPE_SCALE,
         log_every=max(1, min(10, settings.dit_steps // 40)),
         checkpoint_every=settings.checkpoint_every,
@@ -332,27 +328,11 @@ def dit_train_config(out_dir: Path, settings: RecipeSettings):
     )
 
 
-def high_noise_train_config(out_dir: Path, settings: RecipeSettings, weights: Path):
-    """The TrainConfig of stage c2: from the stage-c ``weights``, timesteps shifted towards noise."""
-    steps = settings.dit_high_noise_steps
-    return dataclasses.replace(
-        dit_train_config(out_dir, settings),
-        init="pretrained",
-        weights=str(weights),
-        output_dir=str(out_dir / "dit-high-noise"),
-        lr=settings.dit_high_noise_lr,
-        warmup_steps=min(50, steps // 10),
-        max_steps=steps,
-        seed=settings.seed + 1,
-        timestep_shift=settings.dit_high_noise_shift,
-        log_every=max(1, min(10, steps // 40)),
-    )
-
-
 def train_dit(config, processes: int) -> tuple[int, Path]:
-    """Stages c and c2: the trainer here (``processes`` = 1) or in ``processes`` one-thread DDP ranks
+    """Stage c: the trainer here (``processes`` = 1) or in ``processes`` one-thread DDP ranks
     spawned here, which join over gloo on a free local port. Returns the step reached and the trained
-    DiT's official-layout weight file from ``final/`` (DDP checkpoints are sharded, that file never is)."""
+    DiT's official-layout weight file from ``final/`` (the EMA when there is one; DDP checkpoints are
+    sharded, that file never is)."""
     from ..train import train
     from ..train.export import final_files
 
@@ -464,12 +444,6 @@ def run_recipe(out_dir: str | Path, settings: RecipeSettings = RecipeSettings())
     seconds["dit"] = time.perf_counter() - start
     done_now = dit_step - before
     first, last = _loss_ends(Path(config.output_dir))
-
-    if settings.dit_high_noise_steps:
-        tail = high_noise_train_config(out_dir, settings, dit_weights)
-        start = time.perf_counter()
-        dit_weights = train_dit(tail, settings.dit_processes)[1]
-        seconds["dit-high-noise"] = time.perf_counter() - start
 
     start = time.perf_counter()
     sizes, dtype = export_nano(dit_weights, decoder.path, out_dir / NANO_DIR)
