@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from kandinsky5.nano.recipe import train_dit
 from kandinsky5.train import train
 from kandinsky5.train.checkpointing import latest_checkpoint
 from kandinsky5.train.config import ConfigError
-from kandinsky5.train.distributed import Distributed, setup_distributed
+from kandinsky5.train.distributed import Distributed, free_local_port, setup_distributed
 from kandinsky5.train.trainer import read_metrics
 
 WORKER = Path(__file__).with_name("run_distributed.py")
@@ -35,15 +34,9 @@ def _config(root: Path, name: str, **overrides) -> Path:
     return write_toml(root / f"{name}.toml", values)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(configs: list[Path], world: int = 2) -> None:
     """What ``torchrun --nproc_per_node 2`` does, without its agent: one process per rank, env set."""
-    port, logs, procs = _free_port(), [], []
+    port, logs, procs = free_local_port(), [], []
     for rank in range(world):
         env = {
             **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),

@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -334,21 +333,16 @@ def train_dit(config, processes: int) -> tuple[int, Path]:
     DiT's official-layout weight file from ``final/`` (the EMA when there is one; DDP checkpoints are
     sharded, that file never is)."""
     from ..train import train
+    from ..train.distributed import free_local_port
     from ..train.export import final_files
 
     if processes == 1:
         step = train(config).step
     else:
         ranks_config = dataclasses.replace(config, distributed="ddp")
-        torch.multiprocessing.spawn(_dit_rank, args=(ranks_config, processes, _free_port()), nprocs=processes)
+        torch.multiprocessing.spawn(_dit_rank, args=(ranks_config, processes, free_local_port()), nprocs=processes)
         step = _checkpoint_step(Path(config.output_dir))
     return step, final_files(config)[0]  # a full DiT (no LoRA): official/model.safetensors first
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _dit_rank(rank: int, config, world: int, port: int) -> None:

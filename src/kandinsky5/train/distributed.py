@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -26,7 +27,7 @@ from torch import nn
 
 from .config import ConfigError, TrainConfig
 
-__all__ = ["Distributed", "setup_distributed", "unwrap"]
+__all__ = ["Distributed", "free_local_port", "setup_distributed", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,13 @@ class Distributed:
     def close(self) -> None:
         if self.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now: ``MASTER_PORT`` for ranks launched on this machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def setup_distributed(config: TrainConfig, device: torch.device) -> Distributed:
