@@ -336,10 +336,22 @@ def test_config_from_diffusers_ignores_extra_keys() -> None:
     assert config_from_diffusers({"_class_name": "Kandinsky5Transformer3DModel"}).model_dim == 2048
 
 
+def test_a_sample_predicting_config_records_its_prediction() -> None:
+    """Official configs stay as diffusers writes them; nano's says that it predicts x0."""
+    import dataclasses
+
+    assert "prediction" not in diffusers_config(TINY)
+    sample = dataclasses.replace(TINY, prediction="sample")
+    raw = json.loads(json.dumps(diffusers_config(sample)))
+    assert raw["prediction"] == "sample"
+    assert config_from_diffusers(raw) == sample
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
         ({"_class_name": "WanTransformer3DModel"}, "not Kandinsky5Transformer3DModel"),
+        ({"prediction": "noise"}, "prediction must be one of velocity, sample"),
         ({"axes_dims": [7, 12, 12]}, "not a valid Kandinsky 5 transformer config: axes_dims"),
         ({"model_dim": "wide"}, "not a valid Kandinsky 5 transformer config"),
     ],

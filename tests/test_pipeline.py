@@ -28,6 +28,25 @@ def prompt(length: int, real: int, seed: int) -> PromptEmbeddings:
     return PromptEmbeddings(torch.randn(1, length, 24, generator=g), mask, torch.randn(1, 12, generator=g))
 
 
+def test_a_sample_predicting_dit_gives_the_velocity_of_its_sample():
+    """Same weights, prediction "sample": the output x̂0 becomes the velocity (x − x̂0)/t."""
+    import dataclasses
+
+    as_velocity = random_dit()
+    as_sample = CrossDiT(dataclasses.replace(TINY, prediction="sample")).eval()
+    as_sample.load_state_dict(as_velocity.state_dict())
+    x = initial_noise((1, 2, 4, 4, 4), seed=1)
+    t = torch.tensor(0.4)
+    emb = prompt(5, 3, seed=2)
+    out = dit_velocity(as_velocity, emb, Conditioning(), (1.0, 1.0, 1.0))(x, t)  # the raw network output
+    velocity = dit_velocity(as_sample, emb, Conditioning(), (1.0, 1.0, 1.0))(x, t)
+    torch.testing.assert_close(velocity, (x - out) / 0.4)
+    # one Euler step from t to 0 lands on the predicted sample
+    grid = torch.tensor([0.4, 0.0])
+    torch.testing.assert_close(sample_latents(as_sample, emb, None, x, grid, guidance_scale=1.0,
+                                              rope_scale=(1.0, 1.0, 1.0)), out, atol=1e-5, rtol=0)  # fmt: skip
+
+
 def test_batched_guidance_equals_two_passes():
     dit, grid = random_dit(), timestep_grid(3, 5.0)
     noise = initial_noise((1, 2, 4, 4, 4), seed=1)

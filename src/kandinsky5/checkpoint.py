@@ -235,22 +235,28 @@ def config_from_diffusers(config_json: dict) -> DiTConfig:
                 values[key] = tuple(int(v) for v in value)
             else:
                 values[key] = bool(value) if isinstance(default, bool) else int(value)
-        return DiTConfig(**values)
+        return DiTConfig(**values, prediction=str(config_json.get("prediction", "velocity")))
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"not a valid Kandinsky 5 transformer config: {err}") from None
 
 
 def diffusers_config(config: DiTConfig) -> dict:
-    """The diffusers ``transformer/config.json`` content for ``config`` (dense attention)."""
+    """The diffusers ``transformer/config.json`` content for ``config`` (dense attention).
+
+    A sample-predicting DiT (nano) also records ``"prediction": "sample"``, a key diffusers ignores:
+    its weights load there, but diffusers' pipeline would read the output as a velocity.
+    """
     values = {
         key: list(v) if isinstance(v, tuple) else v
         for key, v in ((key, getattr(config, key)) for key in _DIFFUSERS_DEFAULTS)
     }
+    extra = {} if config.prediction == "velocity" else {"prediction": config.prediction}
     return {
         "_class_name": DIFFUSERS_CLASS,
         "_diffusers_version": "0.42.1",
         **values,
         "attention_type": "regular",
+        **extra,
     }
 
 

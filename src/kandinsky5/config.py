@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DiTConfig", "NablaConfig", "SamplingDefaults"]
+__all__ = ["PREDICTIONS", "DiTConfig", "NablaConfig", "SamplingDefaults"]
+
+PREDICTIONS = ("velocity", "sample")  # what a DiT's output is: ε − x0 (every official checkpoint) or x0
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,11 @@ class DiTConfig:
 
     ``visual_cond`` selects the 33-channel input ``[x_t | condition | mask]``: true for every video
     checkpoint (T2V included) and for image editing (official ``instruct_type="channel"``).
+
+    ``prediction`` says what the output means. Every official checkpoint predicts the velocity
+    ``ε − x0``; "sample" (the clean latent x0) is nano's: when a patch carries as many numbers as the
+    model is wide (nano: 16 channels × 4 × 4 = 256), a velocity network must carry the patch's noise
+    through every block, a sample network only the low-dimensional clean content (docs/nano.md).
     """
 
     model_dim: int = 1792
@@ -52,8 +59,11 @@ class DiTConfig:
     in_text_dim: int = 3584  # Qwen2.5-VL-7B hidden size
     in_text_dim2: int = 768  # CLIP ViT-L/14 pooled size
     visual_cond: bool = True
+    prediction: str = "velocity"  # or "sample"
 
     def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
         if any(d <= 0 or d % 2 for d in self.axes_dims):
             raise ValueError(f"axes_dims must be positive even numbers (RoPE pairs), got {self.axes_dims}")
         if self.model_dim % self.head_dim:

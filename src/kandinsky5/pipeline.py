@@ -73,18 +73,21 @@ def dit_velocity(
 
     Latents are kept in fp32 between steps (the official code keeps bf16 latents; accumulating the
     Euler updates in fp32 is deliberate); the DiT runs in its own dtype and sees ``1000·t`` in fp32.
+    A sample-predicting DiT (``config.prediction == "sample"``, nano) gives x0; its velocity is
+    ``(x_t − x0) / t``, exact for every t the sampler asks about (t > 0).
     """
     dtype = dit.dtype
     tokens, pooled = prompt.tokens.to(dtype), prompt.pooled.to(dtype)
     batch = tokens.shape[0]
+    predicts_velocity = dit.config.prediction == "velocity"
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != batch:
             raise ValueError(f"latent batch {x.shape[0]} does not match the prompt batch {batch}")
         time = (t.float() * TIMESTEP_SCALE).reshape(1).expand(batch).to(x.device)
         model_input = conditioning.model_input(x, dit.config.visual_cond).to(dtype)
-        out = dit(model_input, tokens, pooled, time, prompt.mask, rope_scale, visual_attention)
-        return out.float()
+        out = dit(model_input, tokens, pooled, time, prompt.mask, rope_scale, visual_attention).float()
+        return out if predicts_velocity else (x - out) / t.float()
 
     return velocity
 

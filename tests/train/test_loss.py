@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kandinsky5.sampling import timestep_grid
-from kandinsky5.train.loss import flow_matching_loss, interpolate, sample_timesteps, shift_timesteps
+from kandinsky5.train.loss import SAMPLE_MIN_T, flow_matching_loss, interpolate, sample_timesteps, shift_timesteps
 
 
 def _logit(t: torch.Tensor) -> torch.Tensor:
@@ -96,6 +96,24 @@ def test_loss_mask_drops_frames_and_bf16_is_computed_in_fp32():
     assert out.dtype == torch.float32
 
 
+def test_sample_prediction_is_scored_by_its_velocity():
+    """x̂0 from a sample-predicting DiT is scored as the velocity (x_t − x̂0)/t the sampler will use."""
+    x0, noise = torch.randn(3, 2, 4, 4, 4), torch.randn(3, 2, 4, 4, 4)
+    t = torch.tensor([0.9, 0.3, 0.05])
+    x_t = interpolate(x0, noise, t)
+    guess = x0 + 0.1 * torch.randn_like(x0)
+    as_velocity = (x_t - guess) / t.reshape(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(
+        flow_matching_loss(guess, x0, noise, reduction="none", prediction="sample", t=t),
+        flow_matching_loss(as_velocity, x0, noise, reduction="none"),
+    )
+    assert flow_matching_loss(x0, x0, noise, prediction="sample", t=t).item() == 0.0
+    # near t = 0 the weight 1/t² stops growing at 1/SAMPLE_MIN_T²
+    tiny = torch.full((3,), 1e-4)
+    per_sample = flow_matching_loss(x0 + 1.0, x0, noise, reduction="none", prediction="sample", t=tiny)
+    torch.testing.assert_close(per_sample, torch.full((3,), 1.0 / SAMPLE_MIN_T**2))
+
+
 def test_loss_shape_errors():
     x = torch.zeros(1, 2, 2, 2, 4)
     with pytest.raises(ValueError, match="must match"):
@@ -104,3 +122,7 @@ def test_loss_shape_errors():
         flow_matching_loss(x, x, x, loss_mask=torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="reduction"):
         flow_matching_loss(x, x, x, reduction="sum")
+    with pytest.raises(ValueError, match="needs t of shape"):
+        flow_matching_loss(x, x, x, prediction="sample")
+    with pytest.raises(ValueError, match="prediction must be"):
+        flow_matching_loss(x, x, x, prediction="noise")

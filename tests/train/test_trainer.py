@@ -25,9 +25,11 @@ def _held_out_loss(model, config) -> float:
         return sum(micro_batch_loss(model, batch, generator, config, CPU).item() for _ in range(8)) / 8
 
 
-def test_loss_decreases_on_a_tiny_latent_set(tmp_path: Path):
+@pytest.mark.parametrize("prediction", ["velocity", "sample"])
+def test_loss_decreases_on_a_tiny_latent_set(tmp_path: Path, prediction: str):
     make_cache(tmp_path / "cache", n=8)  # 8 random latents, fixed text embeddings
-    config = tiny_config(tmp_path, max_steps=60, lr=3e-3, checkpoint_every=60)
+    model = {**TINY_DIT, "prediction": prediction}
+    config = tiny_config(tmp_path, model=model, max_steps=60, lr=3e-3, checkpoint_every=60)
     result = train(config)
     assert result.step == 60 and result.checkpoint.name == "step_0000060"
     assert result.skipped.num_skipped == 0

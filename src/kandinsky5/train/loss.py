@@ -5,6 +5,8 @@ and the network predicts ``v = dx_t/dt = ε − x0`` from model time ``1000·t``
 
 Kandinsky 5's training loss and timestep distribution are not published (§10.6). We use the plain MSE
 on v and SD3's logit-normal timesteps, pushed through the same shift as the inference grid.
+A DiT that predicts the sample x0 (``DiTConfig.prediction``, nano) is trained on the same velocity
+error: its velocity ``(x_t − x̂0)/t`` misses the target by ``(x0 − x̂0)/t``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from typing import Literal
 
 import torch
 
-__all__ = ["flow_matching_loss", "interpolate", "sample_timesteps", "shift_timesteps"]
+__all__ = ["SAMPLE_MIN_T", "flow_matching_loss", "interpolate", "sample_timesteps", "shift_timesteps"]
 
 # Keeps t strictly inside (0, 1) after rounding to float32 (1 − 1e-6 rounds below 1.0).
 T_EPS = 1e-6
+# A sample prediction's velocity error (x0 − x̂0)/t is weighted 1/t² at most 1/0.05² = 400, so the rare
+# draws near t = 0 (where x_t already is x0) cannot dominate a batch; at t ≥ 0.05 it is the velocity error.
+SAMPLE_MIN_T = 0.05
 
 
 def shift_timesteps(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -56,26 +61,41 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch
 
 
 def flow_matching_loss(
-    velocity: torch.Tensor,
+    output: torch.Tensor,
     x0: torch.Tensor,
     noise: torch.Tensor,
     loss_mask: torch.Tensor | None = None,
     reduction: Literal["mean", "none"] = "mean",
+    *,
+    prediction: str = "velocity",
+    t: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the predicted velocity and the target ``ε − x0``, computed in fp32.
+    """MSE between the model's velocity and the target ``ε − x0``, computed in fp32.
 
     Args:
-        velocity: (B, T, H, W, C) model output.
+        output: (B, T, H, W, C) model output: the velocity, or x0 with ``prediction="sample"``.
         x0, noise: (B, T, H, W, C) clean latents and the noise they were mixed with.
         loss_mask: optional (B, T) bool/0-1 weights of the latent frames that count (e.g. all but the
             conditioning frame for I2V); None = every frame.
         reduction: "mean" → scalar over the batch; "none" → (B,) per-sample losses.
+        prediction: "velocity" or "sample" (``DiTConfig.prediction``).
+        t: (B,) timesteps; needed by ``prediction="sample"`` (its velocity error is ``(x0 − x̂0)/t``,
+            with t floored at ``SAMPLE_MIN_T``).
     """
-    if velocity.shape != x0.shape or noise.shape != x0.shape:
+    if output.shape != x0.shape or noise.shape != x0.shape:
         raise ValueError(
-            f"velocity {tuple(velocity.shape)}, x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must match"
+            f"output {tuple(output.shape)}, x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must match"
         )
-    error = (velocity.float() - (noise.float() - x0.float())).square()  # (B, T, H, W, C)
+    if prediction == "velocity":
+        error = (output.float() - (noise.float() - x0.float())).square()  # (B, T, H, W, C)
+    elif prediction == "sample":
+        if t is None or t.shape != x0.shape[:1]:
+            got = None if t is None else tuple(t.shape)
+            raise ValueError(f"a sample prediction needs t of shape ({x0.shape[0]},), got {got}")
+        weight = t.float().clamp_min(SAMPLE_MIN_T).reshape(-1, *([1] * (x0.ndim - 1)))
+        error = ((x0.float() - output.float()) / weight).square()
+    else:
+        raise ValueError(f"prediction must be 'velocity' or 'sample', got {prediction!r}")
     per_frame = error.flatten(2).mean(dim=2)  # (B, T): mean over H, W and the latent channels
     if loss_mask is None:
         per_sample = per_frame.mean(dim=1)

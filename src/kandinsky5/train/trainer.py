@@ -197,9 +197,10 @@ def micro_batch_loss(
         conditioning = Conditioning(first_frame=first)
         loss_mask = torch.ones(x0.shape[:2], dtype=torch.bool, device=device)
         loss_mask[:, 0] = False
-    model_input = conditioning.model_input(x_t, unwrap(model).config.visual_cond)
+    dit_config = unwrap(model).config
+    model_input = conditioning.model_input(x_t, dit_config.visual_cond)
     with _autocast(device, config.dtype):
-        velocity = model(
+        output = model(
             model_input,
             batch.tokens.float(),
             batch.pooled.float(),
@@ -207,7 +208,7 @@ def micro_batch_loss(
             batch.mask,
             config.resolved_rope_scale,
         )
-    return flow_matching_loss(velocity, x0, noise, loss_mask)
+    return flow_matching_loss(output, x0, noise, loss_mask, prediction=dit_config.prediction, t=t)
 
 
 # --------------------------------------------------------------------------------------------------
