@@ -485,6 +485,8 @@ def _image_lite(task: Task, stage: str) -> Variant:
 # A 17×64×64 clip is a 5×16×16 latent (nano's VAE is 4x in space) and, with 1×4×4 patches, 5×4×4 = 80
 # tokens; an image 16 tokens. So a token covers 16×16 pixels, as with the real VAE's 8x and 1×2×2 patches.
 # Text comes from MiniLM (384-d tokens and pooled vector).
+# A token's patch holds 256 numbers, as many as the DiT is wide, so nano predicts the clean latent x0
+# rather than the velocity (prediction="sample", docs/nano.md).
 # nano's token grid is tiny (5×4×4), so with the official RoPE only the first pair or two of each axis
 # turn by a useful angle between neighbours. 4 heads of 64 (the official axes split 16/24/24) and
 # angles multiplied by 2 in time and 4 in space (rope_scale divides them) give every axis several
@@ -503,6 +505,7 @@ NANO_DIT = DiTConfig(
     in_text_dim=384,
     in_text_dim2=384,
     visual_cond=True,
+    prediction="sample",
 )
 NANO_PACKAGE_DIR = "nano/weights"  # inside the kandinsky5 package: transformer/ and vae/, diffusers layout
 NANO_SIZE, NANO_FRAMES, NANO_FPS = 64, 17, 8
