@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from ..config import PREDICTIONS
+
 __all__ = ["SAMPLE_MIN_T", "flow_matching_loss", "interpolate", "sample_timesteps", "shift_timesteps"]
 
 # Keeps t strictly inside (0, 1) after rounding to float32 (1 − 1e-6 rounds below 1.0).
@@ -78,7 +80,7 @@ def flow_matching_loss(
         loss_mask: optional (B, T) bool/0-1 weights of the latent frames that count (e.g. all but the
             conditioning frame for I2V); None = every frame.
         reduction: "mean" → scalar over the batch; "none" → (B,) per-sample losses.
-        prediction: "velocity" or "sample" (``DiTConfig.prediction``).
+        prediction: one of ``PREDICTIONS`` (``DiTConfig.prediction``).
         t: (B,) timesteps; needed by ``prediction="sample"`` (its velocity error is ``(x0 − x̂0)/t``,
             with t floored at ``SAMPLE_MIN_T``).
     """
@@ -95,7 +97,7 @@ def flow_matching_loss(
         weight = t.float().clamp_min(SAMPLE_MIN_T).reshape(-1, *([1] * (x0.ndim - 1)))
         error = ((x0.float() - output.float()) / weight).square()
     else:
-        raise ValueError(f"prediction must be 'velocity' or 'sample', got {prediction!r}")
+        raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
     per_frame = error.flatten(2).mean(dim=2)  # (B, T): mean over H, W and the latent channels
     if loss_mask is None:
         per_sample = per_frame.mean(dim=1)
