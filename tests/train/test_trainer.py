@@ -11,7 +11,7 @@ from train_helpers import TINY_DIT, fake_text, fake_video, make_cache, make_item
 from kandinsky5.train import CacheError, main_train, train
 from kandinsky5.train.checkpointing import load_checkpoint
 from kandinsky5.train.data import DataItem, EncodedVideo, LatentDataset, SkipItem, build_cache, collate
-from kandinsky5.train.trainer import build_model, lr_factor, micro_batch_loss, read_metrics
+from kandinsky5.train.trainer import build_model, build_optimizer, lr_factor, micro_batch_loss, read_metrics
 
 CPU = torch.device("cpu")
 
@@ -59,6 +59,13 @@ def test_lr_schedule_warmup_then_cosine(tmp_path: Path):
     assert all(a >= b for a, b in zip(factors[3:-1], factors[4:], strict=True))
     constant = tiny_config(tmp_path, warmup_steps=0)
     assert {lr_factor(step, constant) for step in range(20)} == {1.0}
+
+
+def test_cpu_training_uses_the_fused_adamw(tmp_path: Path):
+    config = tiny_config(tmp_path)
+    optimizer = build_optimizer(build_model(config, torch.device("cpu")), config)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [config.weight_decay, 0.0]
 
 
 def test_metrics_rows_average_the_window(tmp_path: Path):
