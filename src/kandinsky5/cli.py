@@ -605,6 +605,13 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--i2v", type=int, default=50, metavar="N", help="image-to-video prompts (default 50)")
     parser.add_argument("--images", type=int, default=50, metavar="N", help="text-to-image prompts (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i (default 0)")
+    parser.add_argument(
+        "--probe-clips",
+        type=int,
+        default=48,
+        metavar="N",
+        help="held-out clips for the table of which words the DiT reads (default 48; 0 skips it)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.set_defaults(run=_run_eval)
 
@@ -613,7 +620,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from kandinsky5.atomic import atomic_write, write_json_durable
 
     counts = {"--videos": args.videos, "--i2v": args.i2v, "--images": args.images}
-    for flag, count in counts.items():
+    for flag, count in {**counts, "--probe-clips": args.probe_clips}.items():
         if count < 0:
             raise _Failure(f"{flag} must be >= 0, got {count}")
     if not any(counts.values()):
@@ -632,7 +639,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         model = Kandinsky5Nano.from_pretrained(source, variant="nano")
     except (ValueError, OSError) as err:
         raise _Failure(_message(err)) from None
-    report = evaluate_nano(model, videos=args.videos, images=args.images, i2v=args.i2v, seed=args.seed)
+    report = evaluate_nano(
+        model, videos=args.videos, images=args.images, i2v=args.i2v, seed=args.seed, probe_clips=args.probe_clips
+    )
     print(format_table(report), file=sys.stdout)
     if args.json:
         atomic_write(Path(args.json), lambda tmp: write_json_durable(tmp, report.to_json()))

@@ -99,10 +99,13 @@ def test_cli_picks_the_nano_task_from_the_files(tmp_path):
 
 
 def test_eval_prints_the_table(tmp_path):
-    done = _cli("eval", "--videos", "2", "--i2v", "1", "--images", "1", "--json", "eval.json", cwd=tmp_path)
+    args = ("--videos", "2", "--i2v", "1", "--images", "1", "--probe-clips", "2", "--json", "eval.json")
+    done = _cli("eval", *args, cwd=tmp_path)
     assert done.returncode in (0, 1), done.stderr
     assert "| colour |" in done.stdout and "VAE reconstruction PSNR" in done.stdout
+    assert "| motion direction |" in done.stdout
     record = json.loads((tmp_path / "eval.json").read_text())
     assert set(record["accuracy"]) == {"t2v", "i2v", "t2i"} and record["passed"] == (done.returncode == 0)
+    assert set(record["word_use"]) == {"t2v", "i2v"}
     bad = _cli("eval", "--videos", "-1", cwd=tmp_path)
     assert bad.returncode == 2 and "--videos must be >= 0" in bad.stderr

@@ -4,7 +4,8 @@ Prompts come from the world's held-out split (attribute combinations and phrasin
 Each is generated with its own seed and read back by :mod:`kandinsky5.nano.detect`, whose accuracy on the
 world's own clips is ≥ 99 % per attribute (docs/nano.md), so a miss here is the model's, not the reader's.
 A text prompt is graded on what it asks for: a background it does not name is the model's to choose.
-The VAE is scored separately, on held-out clips: PSNR of encode → decode.
+The VAE is scored separately, on held-out clips: PSNR of encode → decode. A last table says which words
+of a prompt the DiT reads at all (:mod:`kandinsky5.nano.probe`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .detect import grade
+from .probe import SWAPS, word_use
 from .world import Clip, Scene, dataset, parse_caption
 
 __all__ = ["PSNR_TARGET", "TARGETS", "NanoEvaluation", "evaluate_nano", "expectation", "format_table"]
@@ -38,6 +40,7 @@ class NanoEvaluation:
     psnr_image: float  # dB, held-out images
     settings: dict[str, Any]  # steps, guidance, size of the generations
     seconds: float
+    word_use: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # kandinsky5.nano.probe
 
     @property
     def passed(self) -> bool:
@@ -63,13 +66,20 @@ def expectation(sample: Clip, task: str) -> Clip | Scene:
 
 
 def evaluate_nano(
-    model, videos: int = 100, images: int = 50, i2v: int = 50, seed: int = 0, vae_clips: int = 32, progress: bool = True
+    model,
+    videos: int = 100,
+    images: int = 50,
+    i2v: int = 50,
+    seed: int = 0,
+    vae_clips: int = 32,
+    probe_clips: int = 48,
+    progress: bool = True,
 ) -> NanoEvaluation:
     """Grade ``model`` (a loaded nano, any of its tasks) on held-out prompts; see the module docstring.
 
     Prompt i of a task is generated with seed ``seed + i``. I2V animates the first frame of the held-out
     clip and is graded on the whole clip's caption (the first frame fixes colour and shape; motion must
-    come from the prompt).
+    come from the prompt). ``probe_clips`` held-out clips measure which words the DiT reads (0: skip).
     """
     from PIL import Image as PILImage
 
@@ -93,17 +103,19 @@ def evaluate_nano(
         accuracy[task] = _mean(grades)
     bar.close()
     vae = evaluate_vae(model.vae.vae, vae_clips, vae_clips, seed)
+    words = word_use(model, probe_clips, seed=seed) if probe_clips else {}
     d = model.variant.sampling
     settings = {"steps": d.num_inference_steps, "guidance_scale": d.guidance_scale, "size": f"{d.width}x{d.height}"}
     return NanoEvaluation(
         model=model.variant.name,
         seed=seed,
-        counts={"t2v": videos, "i2v": i2v, "t2i": images, "vae_clips": vae_clips},
+        counts={"t2v": videos, "i2v": i2v, "t2i": images, "vae_clips": vae_clips, "probe_clips": probe_clips},
         accuracy=accuracy,
         psnr=vae["psnr"],
         psnr_image=vae["psnr_image"],
         settings=settings,
         seconds=time.perf_counter() - started,
+        word_use=words,
     )
 
 
@@ -132,6 +144,17 @@ def format_table(e: NanoEvaluation) -> str:
         "",
         f"VAE reconstruction PSNR on {e.counts['vae_clips']} held-out clips: {e.psnr:.2f} dB "
         f"(target ≥ {PSNR_TARGET:.0f} dB: {psnr_ok}); on as many images: {e.psnr_image:.2f} dB",
-        f"{'all targets met' if e.passed else 'targets not met'} ({e.seconds:.0f} s)",
     ]
+    if e.word_use:
+        tasks = list(e.word_use)
+        lines += [
+            "",
+            f"Which words the DiT reads: its error with one word swapped over the error with the true caption, "
+            f"{e.counts.get('probe_clips', 0)} held-out one-object moving clips (1.00: the word is ignored)",
+            "",
+            "| word swapped | " + " | ".join(tasks) + " |",
+            "|---" * (len(tasks) + 1) + "|",
+        ]
+        lines += [f"| {swap} | " + " | ".join(f"×{e.word_use[t][swap]:.2f}" for t in tasks) + " |" for swap in SWAPS]
+    lines += ["", f"{'all targets met' if e.passed else 'targets not met'} ({e.seconds:.0f} s)"]
     return "\n".join(lines)
