@@ -5,8 +5,8 @@ Held-out clips with one moving object are encoded and noised to t; the DiT predi
 once from the true caption ("a red circle moves to the right") and once from a caption with one word
 swapped: the colour, the shape, the axis of the motion (right → down) or only its direction (right →
 left, grow → shrink). The ratio of the two errors is 1.00 for a word the DiT does not read, and larger
-the more it relies on it. The fifth nano, for example, reads colour (×2) and the motion's axis (×1.5)
-but not its direction (×1.00, in T2V and in I2V alike), which is why half of its motions run backwards.
+the more it relies on it. A DiT that reads a motion's axis but not its direction draws the object moving
+along the right line, backwards half the time (docs/nano.md has the shipped weights' table).
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def word_use(
     samples = _moving_clips(clips, seed)
     dit, vae, rope_scale = model.dit, model.vae, model.variant.sampling.rope_scale
     pixels = torch.from_numpy(np.stack([c.frames for c in samples])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
-    latents = torch.cat([vae.encode(p, sample=False, tiling=False) for p in pixels.split(batch)]).float()
+    encoded = [vae.encode(p, sample=False, tiling=False) for p in pixels.split(batch)]  # on the VAE's device
+    latents = torch.cat(encoded).float().cpu()
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     prompts = {swap: model.text_encoder.encode([_caption(c, swap) for c in samples]) for swap in (None, *SWAPS)}
     errors = {task: dict.fromkeys(prompts, 0.0) for task in ("t2v", "i2v")}
@@ -84,14 +85,14 @@ def word_use(
 def _x0_error(dit, x, latents, t, prompt, conditioning, rope_scale, batch) -> float:
     """Mean squared error of the DiT's clean-latent prediction over latent frames 1..T-1."""
     total = 0.0
-    dtype = dit.dtype
+    dtype, device = dit.dtype, next(dit.parameters()).device
     for start in range(0, x.shape[0], batch):
         rows = slice(start, start + batch)
         part = Conditioning(first_frame=None if conditioning.first_frame is None else conditioning.first_frame[rows])
-        model_input = part.model_input(x[rows], dit.config.visual_cond).to(dtype)
-        time = torch.full((model_input.shape[0],), t * TIMESTEP_SCALE)
-        tokens, pooled = prompt.tokens[rows].to(dtype), prompt.pooled[rows].to(dtype)
-        out = dit(model_input, tokens, pooled, time, prompt.mask[rows], rope_scale).float()
+        model_input = part.model_input(x[rows], dit.config.visual_cond).to(device, dtype)
+        time = torch.full((model_input.shape[0],), t * TIMESTEP_SCALE, device=device)
+        tokens, pooled = prompt.tokens[rows].to(device, dtype), prompt.pooled[rows].to(device, dtype)
+        out = dit(model_input, tokens, pooled, time, prompt.mask[rows].to(device), rope_scale).float().cpu()
         clean = out if dit.config.prediction == "sample" else x[rows] - t * out
         total += float(((clean - latents[rows])[:, 1:] ** 2).sum())
     return total / latents[:, 1:].numel()
