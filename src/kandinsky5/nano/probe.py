@@ -14,8 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..pipeline import Conditioning
-from ..sampling import TIMESTEP_SCALE
+from ..pipeline import Conditioning, PromptEmbeddings, dit_velocity
 from .world import COLOUR_WORDS, COLOURS, MOTION_PHRASES, SHAPE_WORDS, SHAPES, Clip, dataset
 
 __all__ = ["PROBE_TIMESTEPS", "SWAPS", "word_use"]
@@ -83,16 +82,14 @@ def word_use(
 
 
 def _x0_error(dit, x, latents, t, prompt, conditioning, rope_scale, batch) -> float:
-    """Mean squared error of the DiT's clean-latent prediction over latent frames 1..T-1."""
-    total = 0.0
-    dtype, device = dit.dtype, next(dit.parameters()).device
+    """Mean squared error of the DiT's clean-latent prediction ``x − t·v`` over latent frames 1..T-1."""
+    total, device, first = 0.0, next(dit.parameters()).device, conditioning.first_frame
     for start in range(0, x.shape[0], batch):
         rows = slice(start, start + batch)
-        part = Conditioning(first_frame=None if conditioning.first_frame is None else conditioning.first_frame[rows])
-        model_input = part.model_input(x[rows], dit.config.visual_cond).to(device, dtype)
-        time = torch.full((model_input.shape[0],), t * TIMESTEP_SCALE, device=device)
-        tokens, pooled = prompt.tokens[rows].to(device, dtype), prompt.pooled[rows].to(device, dtype)
-        out = dit(model_input, tokens, pooled, time, prompt.mask[rows].to(device), rope_scale).float().cpu()
-        clean = out if dit.config.prediction == "sample" else x[rows] - t * out
+        part = Conditioning(first_frame=None if first is None else first[rows].to(device))
+        embeddings = PromptEmbeddings(*(e[rows].to(device) for e in (prompt.tokens, prompt.mask, prompt.pooled)))
+        noisy = x[rows].to(device)
+        velocity = dit_velocity(dit, embeddings, part, rope_scale)(noisy, torch.tensor(t))
+        clean = (noisy - t * velocity).cpu()
         total += float(((clean - latents[rows])[:, 1:] ** 2).sum())
     return total / latents[:, 1:].numel()
