@@ -26,6 +26,7 @@ from kandinsky5.media import (
     check_output_path,
     frames_from_vae_output,
     load_image,
+    vae_input_from_frames,
 )
 
 META = {"prompt": "кот в шляпе, a cat in a hat", "negative_prompt": "blurry", "seed": 42, "steps": 50}
@@ -303,6 +304,20 @@ def test_frames_from_vae_output_truncates_like_the_official_code() -> None:
     assert frames.shape == (1, 1, 7, 3) and frames.dtype == np.uint8
     assert frames[0, 0, :, 0].tolist() == [0, 0, 63, 127, 254, 255, 255]
     assert frames[0, 0, :, 1].tolist() == [127] * 7  # channel 1 lands in the last axis
+
+
+def test_vae_input_from_frames_keeps_the_batch_and_moves_channels_first() -> None:
+    frames = np.random.default_rng(0).integers(0, 256, (2, 5, 6, 7, 3), dtype=np.uint8)  # (B, T, H, W, 3)
+    x = vae_input_from_frames(frames)
+    assert x.shape == (2, 3, 5, 6, 7) and x.dtype == torch.float32
+    assert x[1, 2, 4, 5, 6] == frames[1, 4, 5, 6, 2] / 127.5 - 1.0
+    assert -1.0 <= x.min() and x.max() <= 1.0
+    back = frames_from_vae_output(x[1]).astype(int)  # the official truncation may lose 1
+    assert np.all((frames[1] - back >= 0) & (frames[1] - back <= 1))
+    with pytest.raises(ValueError, match="uint8 RGB frames"):
+        vae_input_from_frames(frames.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8 RGB frames"):
+        vae_input_from_frames(frames[0, 0])  # (H, W, 3): no time axis
 
 
 def test_from_tensor_layouts() -> None:

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from .media import vae_input_from_frames
+
 __all__ = ["area_preserving_size", "cover_and_crop", "nearest_resolution", "to_model_input"]
 
 
@@ -42,5 +44,4 @@ def cover_and_crop(image, height: int, width: int):
 
 def to_model_input(image) -> torch.Tensor:
     """PIL RGB → (1, 3, 1, H, W) float in [-1, 1] (``x / 127.5 − 1``, as the official code)."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
-    return (pixels.permute(2, 0, 1).float() / 127.5 - 1.0)[None, :, None]
+    return vae_input_from_frames(np.asarray(image, dtype=np.uint8)[None, None])  # (1, 1, H, W, 3) → (1, 3, 1, H, W)

@@ -40,6 +40,7 @@ __all__ = [
     "check_output_path",
     "frames_from_vae_output",
     "load_image",
+    "vae_input_from_frames",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,21 @@ _SIDECAR_IN_FOLDER = "metadata.json"
 
 
 # --------------------------------------------------------------------------------------------------
-# Decoded tensors → uint8 frames
+# uint8 frames ↔ the VAE's float pixels
 # --------------------------------------------------------------------------------------------------
+
+
+def vae_input_from_frames(frames: np.ndarray) -> torch.Tensor:
+    """Turn uint8 RGB frames (..., T, H, W, 3) into the VAE's input (..., 3, T, H, W) in [-1, 1].
+
+    Uses the official rule ``x / 127.5 - 1``; leading dimensions (a batch) are kept.
+    """
+    import torch
+
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim < 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 RGB frames (..., T, H, W, 3), got {frames.dtype} {frames.shape}")
+    return torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -4).float() / 127.5 - 1.0
 
 
 def frames_from_vae_output(x: torch.Tensor) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..media import vae_input_from_frames
 from ..pipeline import Conditioning, PromptEmbeddings, dit_velocity
 from .world import COLOUR_WORDS, COLOURS, MOTION_PHRASES, SHAPE_WORDS, SHAPES, Clip, dataset
 
@@ -63,7 +64,7 @@ def word_use(
     """
     samples = _moving_clips(clips, seed)
     dit, vae, rope_scale = model.dit, model.vae, model.variant.sampling.rope_scale
-    pixels = torch.from_numpy(np.stack([c.frames for c in samples])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    pixels = vae_input_from_frames(np.stack([c.frames for c in samples]))
     encoded = [vae.encode(p, sample=False, tiling=False) for p in pixels.split(batch)]  # on the VAE's device
     latents = torch.cat(encoded).float().cpu()
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))

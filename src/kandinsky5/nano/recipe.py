@@ -51,6 +51,7 @@ import torch
 
 from ..atomic import atomic_write, atomic_write_folder, write_json_durable
 from ..config import DiTConfig
+from ..media import vae_input_from_frames
 from ..variants import NANO_DIT, NANO_ROPE_SCALE
 from .vae_training import DECODER_BATCH, DECODER_FINETUNE, VaeReport, train_vae
 
@@ -232,8 +233,7 @@ class _ClipEncoder:
         count = self.settings.clips if kind == "video" else self.settings.num_images
         indices = range(first, min(first + self.batch, count))
         sample = sample_clip if kind == "video" else sample_image
-        frames = np.stack([sample((seed, i)).frames for i in indices])  # as world.dataset: (B, T, 64, 64, 3)
-        pixels = torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (B, 3, T, H, W)
+        pixels = vae_input_from_frames(np.stack([sample((seed, i)).frames for i in indices]))  # (B, 3, T, 64, 64)
         latents = self.vae.encode(pixels, sample=False, tiling=False)  # (B, T', 16, 16, 16)
         firsts = self.vae.encode(pixels[:, :, :1], sample=False, tiling=False) if kind == "video" else None
         for b, i in enumerate(indices):

@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write, atomic_write_folder, write_json_durable
+from ..media import vae_input_from_frames
 from ..train.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .world import dataset, sample_clip, sample_image
 
@@ -227,8 +228,7 @@ def _whole_clips(vae) -> None:
 
 def _pixels(frames: list[np.ndarray]) -> torch.Tensor:
     """uint8 (T, H, W, 3) arrays of one shape → float (B, 3, T, H, W) in [-1, 1]."""
-    batch = torch.from_numpy(np.stack(frames))  # (B, T, H, W, 3)
-    return batch.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    return vae_input_from_frames(np.stack(frames))
 
 
 def _phases(steps: int, config: VaeTrainConfig) -> int:
