@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -314,6 +315,10 @@ def test_vae_input_from_frames_keeps_the_batch_and_moves_channels_first() -> Non
     assert -1.0 <= x.min() and x.max() <= 1.0
     back = frames_from_vae_output(x[1]).astype(int)  # the official truncation may lose 1
     assert np.all((frames[1] - back >= 0) & (frames[1] - back <= 1))
+    frames.setflags(write=False)  # as np.asarray gives a PIL image's pixels: converted without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(vae_input_from_frames(frames), x)
     with pytest.raises(ValueError, match="uint8 RGB frames"):
         vae_input_from_frames(frames.astype(np.float32))
     with pytest.raises(ValueError, match="uint8 RGB frames"):

@@ -87,7 +87,7 @@ def vae_input_from_frames(frames: np.ndarray) -> torch.Tensor:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim < 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 RGB frames (..., T, H, W, 3), got {frames.dtype} {frames.shape}")
-    return torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -4).float() / 127.5 - 1.0
+    return torch.tensor(frames).movedim(-1, -4).float() / 127.5 - 1.0  # a copy: PIL's arrays are read-only
 
 
 def frames_from_vae_output(x: torch.Tensor) -> np.ndarray:
