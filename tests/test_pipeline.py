@@ -79,6 +79,14 @@ def test_condition_channels_follow_the_official_layout():
         Conditioning(edit_latent=edit).model_input(x, visual_cond=False)
 
 
+def test_splice_first_frame_replaces_frame_zero_only():
+    x, first = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    spliced = Conditioning(first_frame=first).splice_first_frame(x)
+    assert torch.equal(spliced[:, 0], first) and torch.equal(spliced[:, 1:], x[:, 1:])
+    assert not torch.equal(x[:, 0], first), "x itself is left as it was"
+    assert Conditioning().splice_first_frame(x) is x
+
+
 def test_i2v_keeps_the_first_frame_through_sampling():
     dit, grid = random_dit(), timestep_grid(3, 10.0)
     first = torch.randn(1, 4, 4, 4)

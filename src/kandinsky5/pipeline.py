@@ -46,6 +46,13 @@ class Conditioning:
     first_frame: torch.Tensor | None = None
     edit_latent: torch.Tensor | None = None
 
+    def splice_first_frame(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, T, H, W, C) with frame 0 replaced by the clean first frame (a new tensor); ``x`` itself
+        without I2V. Training and probes noise a whole clip, then give the DiT frame 0 clean, as sampling does."""
+        if self.first_frame is None:
+            return x
+        return torch.cat([self.first_frame.to(x)[:, None], x[:, 1:]], dim=1)
+
     def model_input(self, x: torch.Tensor, visual_cond: bool) -> torch.Tensor:
         """``[x | condition | mask]`` (2C + 1 channels) for conditioned models, else ``x``."""
         if not visual_cond:

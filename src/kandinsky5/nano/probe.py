@@ -73,10 +73,8 @@ def word_use(
     for t in timesteps:
         noised = (1.0 - t) * latents + t * noise
         for task in errors:
-            x, conditioning = noised, Conditioning()
-            if task == "i2v":
-                x = torch.cat([latents[:, :1], noised[:, 1:]], dim=1)
-                conditioning = Conditioning(first_frame=latents[:, 0])
+            conditioning = Conditioning(first_frame=latents[:, 0]) if task == "i2v" else Conditioning()
+            x = conditioning.splice_first_frame(noised)
             for swap, prompt in prompts.items():
                 errors[task][swap] += _x0_error(dit, x, latents, t, prompt, conditioning, rope_scale, batch)
     return {task: {swap: e[swap] / e[None] for swap in SWAPS} for task, e in errors.items()}

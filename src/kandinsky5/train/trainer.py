@@ -198,9 +198,8 @@ def micro_batch_loss(
     x_t = interpolate(x0, noise, t)
     conditioning, loss_mask = Conditioning(), None
     if batch.condition is not None:  # I2V: clean first frame in x_t and the mask channel; loss on the others
-        first = batch.condition.float()
-        x_t = torch.cat([first[:, None], x_t[:, 1:]], dim=1)
-        conditioning = Conditioning(first_frame=first)
+        conditioning = Conditioning(first_frame=batch.condition.float())
+        x_t = conditioning.splice_first_frame(x_t)
         loss_mask = torch.ones(x0.shape[:2], dtype=torch.bool, device=device)
         loss_mask[:, 0] = False
     dit_config = unwrap(model).config
