@@ -360,7 +360,7 @@ class Kandinsky5ImageLite(Kandinsky5Model):
 
 
 class Kandinsky5Nano(Kandinsky5Model):
-    """nano: our 9.5M-parameter model of the shapes world, shipped in the package; T2V, I2V and T2I on a CPU."""
+    """nano: our 3M-parameter model of the shapes world, shipped in the package; T2V, I2V and T2I on a CPU."""
 
     families = ("nano",)
     default_variant = "nano"

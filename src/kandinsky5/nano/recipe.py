@@ -82,7 +82,7 @@ NANO_DIR, SOURCE = "nano", "source.json"
 
 @dataclass(frozen=True)
 class RecipeSettings:
-    """Step counts, data size and optimisation of one recipe run (defaults: the full run, just under 3 h on 2 cores)."""
+    """Step counts, data size and optimisation of one recipe run (defaults: the full run, under 3 h on 2 cores)."""
 
     seed: int = 0
     # --- VAE -----------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ class RecipeSettings:
     uncond_every: int = 10  # every n-th clip and image is stored with the empty prompt (CFG's negative)
     shard_size: int = 256
     # --- DiT (kandinsky5.train) ----------------------------------------------------------------------
-    dit_steps: int = 11800
+    dit_steps: int = 22000
     dit_batch_size: int = 16  # per sample seen, 16 learns faster than 32 (docs/nano.md)
     dit_lr: float = 5e-4
     dit_warmup_steps: int = 200  # capped at a tenth of the steps

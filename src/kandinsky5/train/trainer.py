@@ -133,8 +133,8 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     decay = [p for _, p in trainable if p.ndim >= 2]
     no_decay = [p for _, p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # On the CPU torch's default AdamW loops over the tensors in Python: 50 ms a step for nano's 9.5 M
-    # parameters on one core, against 8 ms fused (benchmarks/train_step.py). Sharded (DTensor) parameters
+    # On the CPU torch's default AdamW loops over the tensors in Python: 50 ms a step for the first nano's
+    # 9.5 M parameters on one core, against 8 ms fused (benchmarks/train_step.py). Sharded (DTensor) parameters
     # keep the default.
     fused = all(type(p) is torch.nn.Parameter and p.device.type == "cpu" for _, p in trainable) or None
     return torch.optim.AdamW(
