@@ -483,7 +483,7 @@ def _image_lite(task: Task, stage: str) -> Variant:
 # shapes world by kandinsky5.nano.recipe; one set of weights in the package does T2V, I2V and T2I.
 # 128 wide, 2 heads of 64 (RoPE axes 16 + 24 + 24), 1 text block and 6 visual blocks: 3.0 M parameters.
 # Narrow because the CPU budget, not the data, limits nano: at equal training time a 128-wide DiT sees
-# 2.9x the samples of a 256-wide one and ends lower and reads words better (docs/nano.md).
+# 2.3x the samples of a 256-wide one (2.9x on one thread) and ends lower and reads words better (docs/nano.md).
 # A 17×64×64 clip is a 5×16×16 latent (nano's VAE is 4x in space) and, with 1×4×4 patches, 5×4×4 = 80
 # tokens; an image 16 tokens. So a token covers 16×16 pixels, as with the real VAE's 8x and 1×2×2 patches.
 # Text comes from MiniLM (384-d tokens and pooled vector).
