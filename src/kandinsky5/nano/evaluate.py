@@ -38,7 +38,7 @@ class NanoEvaluation:
     accuracy: dict[str, dict[str, float]]  # task -> attribute -> fraction correct
     psnr: float  # dB, held-out clips
     psnr_image: float  # dB, held-out images
-    settings: dict[str, Any]  # steps, guidance, size of the generations
+    settings: dict[str, Any]  # steps, guidance, shift, size of the generations
     seconds: float
     word_use: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # kandinsky5.nano.probe
 
@@ -105,7 +105,12 @@ def evaluate_nano(
     vae = evaluate_vae(model.vae.vae, vae_clips, vae_clips, seed)
     words = word_use(model, probe_clips, seed=seed) if probe_clips else {}
     d = model.variant.sampling
-    settings = {"steps": d.num_inference_steps, "guidance_scale": d.guidance_scale, "size": f"{d.width}x{d.height}"}
+    settings = {
+        "steps": d.num_inference_steps,
+        "guidance_scale": d.guidance_scale,
+        "shift": d.shift,
+        "size": f"{d.width}x{d.height}",
+    }
     return NanoEvaluation(
         model=model.variant.name,
         seed=seed,
@@ -125,7 +130,7 @@ def format_table(e: NanoEvaluation) -> str:
     s = e.settings
     lines = [
         f"nano on held-out prompts ({', '.join(f'{e.counts[t]} {t}' for t in tasks)}; seeds {e.seed}+i; "
-        f"{s['size']}, {s['steps']} steps, guidance {s['guidance_scale']:g})",
+        f"{s['size']}, {s['steps']} steps, guidance {s['guidance_scale']:g}, shift {s['shift']:g})",
         "",
         "| attribute | " + " | ".join(tasks) + " | target (t2v) |",
         "|---" * (len(tasks) + 2) + "|",

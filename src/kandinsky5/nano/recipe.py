@@ -52,7 +52,7 @@ import torch
 from ..atomic import atomic_write, atomic_write_folder, write_json_durable
 from ..config import DiTConfig
 from ..media import vae_input_from_frames
-from ..variants import NANO_DIT, NANO_ROPE_SCALE
+from ..variants import NANO_DIT, NANO_ROPE_SCALE, NANO_SHIFT
 from .vae_training import DECODER_BATCH, DECODER_FINETUNE, VaeReport, train_vae
 
 __all__ = [
@@ -100,7 +100,7 @@ class RecipeSettings:
     dit_batch_size: int = 16  # per sample seen, 16 learns faster than 32 (docs/nano.md)
     dit_lr: float = 5e-4
     dit_warmup_steps: int = 200  # capped at a tenth of the steps
-    timestep_shift: float = 3.0  # towards noise, where the layout is decided (docs/nano.md)
+    timestep_shift: float = NANO_SHIFT  # towards noise, where the layout is decided (docs/nano.md)
     dit_ema_decay: float | None = 0.999  # the export is the EMA of the weights; None exports the last weights
     dit_processes: int = 2  # one-thread DDP ranks for the DiT stage (1 = train in this process)
     checkpoint_every: int = 500
