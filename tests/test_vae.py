@@ -82,10 +82,10 @@ def test_video_shapes(video_vae: VideoVAE, num_frames: int) -> None:
 
 def test_video_encode_is_the_scaled_posterior(video_vae: VideoVAE) -> None:
     frames = _pixels(0, 2, 3, 5, 16, 16)
+    mode = video_vae.encode(frames, sample=False, tiling=False)  # first: sets the unchunked path for both
     with torch.no_grad():
         posterior = video_vae.vae.encode(frames).latent_dist
     to_ours = (0, 2, 3, 4, 1)  # (B, C, T, h, w) → (B, T, h, w, C)
-    mode = video_vae.encode(frames, sample=False, tiling=False)
     torch.testing.assert_close(mode, (posterior.mode() * HUNYUAN_SCALING_FACTOR).permute(to_ours))
     sample = video_vae.encode(frames, generator=torch.Generator().manual_seed(7), tiling=False)
     expected = posterior.sample(generator=torch.Generator().manual_seed(7)) * HUNYUAN_SCALING_FACTOR
@@ -180,17 +180,17 @@ def test_image_vae_ignores_the_flux_shift(image_vae: ImageVAE) -> None:
     """decode(z) = diffusers decode(z / scaling), encode = scaling · posterior: no shift either way."""
     latent = _latent(5, 1, 1, 4, 4, 16)
     z = latent[:, 0].permute(0, 3, 1, 2) / FLUX_SCALING_FACTOR
+    decoded = image_vae.decode(latent, tiling=False)[:, :, 0]  # ours first, as in the video tests
     with torch.no_grad():
         expected = image_vae.vae.decode(z).sample.clamp(-1, 1)
         shifted = image_vae.vae.decode(z + 0.1159).sample.clamp(-1, 1)
-    decoded = image_vae.decode(latent, tiling=False)[:, :, 0]
     torch.testing.assert_close(decoded, expected)
     assert (decoded - shifted).abs().max() > 1e-3
 
     pixels = _pixels(6, 1, 3, 1, 32, 32)
+    encoded = image_vae.encode(pixels, sample=False)
     with torch.no_grad():
         mode = image_vae.vae.encode(pixels[:, :, 0]).latent_dist.mode()
-    encoded = image_vae.encode(pixels, sample=False)
     torch.testing.assert_close(encoded, (mode * FLUX_SCALING_FACTOR).permute(0, 2, 3, 1)[:, None])
 
 
