@@ -109,5 +109,31 @@ def test_eval_prints_the_table(tmp_path):
     assert set(record["word_use"]) == {"t2v", "i2v"}
     assert record["settings"] == {"steps": 16, "guidance_scale": 3.0, "shift": NANO_SHIFT, "size": "64x64"}
     assert f"guidance 3, shift {NANO_SHIFT:g})" in done.stdout
+    for task, prompts in (("t2v", 2), ("i2v", 1), ("t2i", 1)):
+        assert sum(split["prompts"] for split in record["by_objects"][task].values()) == prompts
+    assert "By the number of objects the prompt names" in done.stdout
     bad = _cli("eval", "--videos", "-1", cwd=tmp_path)
     assert bad.returncode == 2 and "--videos must be >= 0" in bad.stderr
+
+
+def test_eval_table_splits_by_objects():
+    from kandinsky5.nano.evaluate import NanoEvaluation, format_table
+
+    split = {
+        "1": {"prompts": 3, "accuracy": {"count": 1.0, "colour": 2 / 3, "motion": 1 / 3}},
+        "2": {"prompts": 1, "accuracy": {"count": 0.0, "colour": 0.0, "motion": 0.0}},
+    }
+    report = NanoEvaluation(
+        model="nano",
+        seed=0,
+        counts={"t2v": 4, "vae_clips": 2},
+        accuracy={"t2v": {"count": 0.75, "colour": 0.5, "motion": 0.25}},
+        psnr=30.0,
+        psnr_image=31.0,
+        settings={"steps": 16, "guidance_scale": 3.0, "shift": 3.0, "size": "64x64"},
+        seconds=1.0,
+        by_objects={"t2v": split},
+    )
+    table = format_table(report)
+    assert "| attribute | t2v, 1 object (3) | t2v, 2 objects (1) |" in table
+    assert "| colour | 66.7 % | 0.0 % |" in table and "| shape |" not in table.split("By the number")[1]

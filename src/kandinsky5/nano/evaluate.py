@@ -4,6 +4,8 @@ Prompts come from the world's held-out split (attribute combinations and phrasin
 Each is generated with its own seed and read back by :mod:`kandinsky5.nano.detect`, whose accuracy on the
 world's own clips is ≥ 99 % per attribute (docs/nano.md), so a miss here is the model's, not the reader's.
 A text prompt is graded on what it asks for: a background it does not name is the model's to choose.
+The same grades are also split by how many objects the prompt names: one-object and two-object prompts
+fail for different reasons (drawing an attribute, or binding two sets of attributes to two objects).
 The VAE is scored separately, on held-out clips: PSNR of encode → decode. A last table says which words
 of a prompt the DiT reads at all (:mod:`kandinsky5.nano.probe`).
 """
@@ -41,6 +43,8 @@ class NanoEvaluation:
     settings: dict[str, Any]  # steps, guidance, shift, size of the generations
     seconds: float
     word_use: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # kandinsky5.nano.probe
+    # task -> objects in the prompt ("1", "2") -> {"prompts": n, "accuracy": attribute -> fraction correct}
+    by_objects: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -88,19 +92,25 @@ def evaluate_nano(
     started = time.perf_counter()
     jobs = [("t2v", "video", videos), ("i2v", "video", i2v), ("t2i", "image", images)]
     accuracy: dict[str, dict[str, float]] = {}
+    by_objects: dict[str, dict[str, dict[str, Any]]] = {}
     bar = tqdm(total=videos + images + i2v, desc="eval nano", unit="sample", disable=not progress)
     for task, kind, count in jobs:
         if count == 0:
             continue
         runner = model.for_task(task)
-        grades = []
+        grades, objects = [], []
         for i, sample in enumerate(dataset(count, seed=seed, split="heldout", kind=kind)):
             first = PILImage.fromarray(sample.frames[0]) if task == "i2v" else None
             result = runner.generate(sample.caption, seed=seed + i, image=first, progress=False)
             frames = result.frames if kind == "video" else result.pixels[None]
             grades.append(grade(frames, expectation(sample, task)))
+            objects.append(len(sample.objects))
             bar.update(1)
         accuracy[task] = _mean(grades)
+        by_objects[task] = {}
+        for n in sorted(set(objects)):
+            split = [g for g, m in zip(grades, objects, strict=True) if m == n]
+            by_objects[task][str(n)] = {"prompts": len(split), "accuracy": _mean(split)}
     bar.close()
     vae = evaluate_vae(model.vae.vae, vae_clips, vae_clips, seed)
     words = word_use(model, probe_clips, seed=seed) if probe_clips else {}
@@ -121,6 +131,7 @@ def evaluate_nano(
         settings=settings,
         seconds=time.perf_counter() - started,
         word_use=words,
+        by_objects=by_objects,
     )
 
 
@@ -144,6 +155,7 @@ def format_table(e: NanoEvaluation) -> str:
         if target is not None and "t2v" in e.accuracy:
             verdict = f"≥ {100 * target:.0f} % " + ("pass" if e.accuracy["t2v"].get(key, 0) >= target else "FAIL")
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {verdict} |")
+    lines += _by_objects_table(e)
     psnr_ok = "pass" if e.psnr >= PSNR_TARGET else "FAIL"
     lines += [
         "",
@@ -163,3 +175,25 @@ def format_table(e: NanoEvaluation) -> str:
         lines += [f"| {swap} | " + " | ".join(f"×{e.word_use[t][swap]:.2f}" for t in tasks) + " |" for swap in SWAPS]
     lines += ["", f"{'all targets met' if e.passed else 'targets not met'} ({e.seconds:.0f} s)"]
     return "\n".join(lines)
+
+
+def _by_objects_table(e: NanoEvaluation) -> list[str]:
+    """The accuracy table again, one column per task and number of objects the prompt names."""
+    columns = [(t, n, split) for t, splits in e.by_objects.items() for n, split in splits.items()]
+    if not columns:
+        return []
+    noun = {"1": "object"}
+    lines = [
+        "",
+        "By the number of objects the prompt names (prompts in brackets):",
+        "",
+        "| attribute | "
+        + " | ".join(f"{t}, {n} {noun.get(n, 'objects')} ({split['prompts']})" for t, n, split in columns)
+        + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for key in _ORDER:
+        cells = [f"{100 * s['accuracy'][key]:.1f} %" if key in s["accuracy"] else "–" for _, _, s in columns]
+        if any(cell != "–" for cell in cells):
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
