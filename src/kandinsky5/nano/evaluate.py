@@ -149,7 +149,7 @@ def format_table(e: NanoEvaluation) -> str:
     for key in _ORDER:
         if not any(key in e.accuracy[t] for t in tasks):
             continue
-        cells = [f"{100 * e.accuracy[t][key]:.1f} %" if key in e.accuracy[t] else "–" for t in tasks]
+        cells = [_percent(e.accuracy[t], key) for t in tasks]
         target = TARGETS.get(key)
         verdict = ""
         if target is not None and "t2v" in e.accuracy:
@@ -177,6 +177,10 @@ def format_table(e: NanoEvaluation) -> str:
     return "\n".join(lines)
 
 
+def _percent(fractions: dict[str, float], key: str) -> str:
+    return f"{100 * fractions[key]:.1f} %" if key in fractions else "–"
+
+
 def _by_objects_table(e: NanoEvaluation) -> list[str]:
     """The accuracy table again, one column per task and number of objects the prompt names."""
     columns = [(t, n, split) for t, splits in e.by_objects.items() for n, split in splits.items()]
@@ -193,7 +197,7 @@ def _by_objects_table(e: NanoEvaluation) -> list[str]:
         "|---" * (len(columns) + 1) + "|",
     ]
     for key in _ORDER:
-        cells = [f"{100 * s['accuracy'][key]:.1f} %" if key in s["accuracy"] else "–" for _, _, s in columns]
+        cells = [_percent(split["accuracy"], key) for _, _, split in columns]
         if any(cell != "–" for cell in cells):
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return lines
