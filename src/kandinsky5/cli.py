@@ -595,8 +595,9 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         help="grade nano on held-out prompts (colour, shape, motion) and its VAE (PSNR)",
         description="Generate from prompts of the shapes world's held-out split (combinations and phrasings "
         "training never saw), read colour, shape and motion back from the frames with the detectors of "
-        "kandinsky5.nano.detect, and print the accuracy per attribute and task with the VAE's reconstruction "
-        "PSNR (docs/nano.md). Exit status 0 when every target is met, 1 when not.",
+        "kandinsky5.nano.detect, and print the accuracy per attribute and task (again split by one- and "
+        "two-object prompts), the VAE's reconstruction PSNR and which words the DiT reads (docs/nano.md). "
+        "Exit status 0 when every target is met, 1 when not.",
         epilog=_EVAL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
