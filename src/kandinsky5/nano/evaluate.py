@@ -146,10 +146,7 @@ def format_table(e: NanoEvaluation) -> str:
         "| attribute | " + " | ".join(tasks) + " | target (t2v) |",
         "|---" * (len(tasks) + 2) + "|",
     ]
-    for key in _ORDER:
-        if not any(key in e.accuracy[t] for t in tasks):
-            continue
-        cells = [_percent(e.accuracy[t], key) for t in tasks]
+    for key, cells in _attribute_rows([e.accuracy[t] for t in tasks]):
         target = TARGETS.get(key)
         verdict = ""
         if target is not None and "t2v" in e.accuracy:
@@ -177,6 +174,11 @@ def format_table(e: NanoEvaluation) -> str:
     return "\n".join(lines)
 
 
+def _attribute_rows(columns: list[dict[str, float]]) -> list[tuple[str, list[str]]]:
+    """(attribute, one percentage cell per column) for each attribute that some column graded, in order."""
+    return [(key, [_percent(c, key) for c in columns]) for key in _ORDER if any(key in c for c in columns)]
+
+
 def _percent(fractions: dict[str, float], key: str) -> str:
     return f"{100 * fractions[key]:.1f} %" if key in fractions else "–"
 
@@ -196,8 +198,5 @@ def _by_objects_table(e: NanoEvaluation) -> list[str]:
         + " |",
         "|---" * (len(columns) + 1) + "|",
     ]
-    for key in _ORDER:
-        cells = [_percent(split["accuracy"], key) for _, _, split in columns]
-        if any(cell != "–" for cell in cells):
-            lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    return lines
+    rows = _attribute_rows([split["accuracy"] for _, _, split in columns])
+    return lines + [f"| {key} | " + " | ".join(cells) + " |" for key, cells in rows]
