@@ -596,7 +596,8 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         description="Generate from prompts of the shapes world's held-out split (combinations and phrasings "
         "training never saw), read colour, shape and motion back from the frames with the detectors of "
         "kandinsky5.nano.detect, and print the accuracy per attribute and task (again split by one- and "
-        "two-object prompts), the VAE's reconstruction PSNR and which words the DiT reads (docs/nano.md). "
+        "two-object prompts), the VAE's reconstruction PSNR, which words the DiT reads and whether it ties them "
+        "to the right one of two objects (docs/nano.md). "
         "Exit status 0 when every target is met, 1 when not.",
         epilog=_EVAL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -611,7 +612,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=48,
         metavar="N",
-        help="held-out clips for the table of which words the DiT reads (default 48; 0 skips it)",
+        help="held-out clips for each table of which words the DiT reads and binds (default 48; 0 skips both)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.set_defaults(run=_run_eval)

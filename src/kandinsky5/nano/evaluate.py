@@ -6,8 +6,9 @@ world's own clips is ≥ 99 % per attribute (docs/nano.md), so a miss here is th
 A text prompt is graded on what it asks for: a background it does not name is the model's to choose.
 The same grades are also split by how many objects the prompt names: one-object and two-object prompts
 fail for different reasons (drawing an attribute, or binding two sets of attributes to two objects).
-The VAE is scored separately, on held-out clips: PSNR of encode → decode. A last table says which words
-of a prompt the DiT reads at all (:mod:`kandinsky5.nano.probe`).
+The VAE is scored separately, on held-out clips: PSNR of encode → decode. The last tables say which words
+of a prompt the DiT reads at all, and whether it ties the words of a two-object prompt to the right
+object (:mod:`kandinsky5.nano.probe`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .detect import grade
-from .probe import SWAPS, word_use
+from .probe import EXCHANGES, SWAPS, binding, word_use
 from .world import Clip, Scene, dataset, parse_caption
 
 __all__ = ["PSNR_TARGET", "TARGETS", "NanoEvaluation", "evaluate_nano", "expectation", "format_table"]
@@ -43,6 +44,7 @@ class NanoEvaluation:
     settings: dict[str, Any]  # steps, guidance, shift, size of the generations
     seconds: float
     word_use: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # kandinsky5.nano.probe
+    binding: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # probe.binding
     # task -> objects in the prompt ("1", "2") -> {"prompts": n, "accuracy": attribute -> fraction correct}
     by_objects: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
@@ -114,6 +116,7 @@ def evaluate_nano(
     bar.close()
     vae = evaluate_vae(model.vae.vae, vae_clips, vae_clips, seed)
     words = word_use(model, probe_clips, seed=seed) if probe_clips else {}
+    bound = binding(model, probe_clips, seed=seed) if probe_clips else {}
     d = model.variant.sampling
     settings = {
         "steps": d.num_inference_steps,
@@ -131,6 +134,7 @@ def evaluate_nano(
         settings=settings,
         seconds=time.perf_counter() - started,
         word_use=words,
+        binding=bound,
         by_objects=by_objects,
     )
 
@@ -170,6 +174,18 @@ def format_table(e: NanoEvaluation) -> str:
             "|---" * (len(tasks) + 1) + "|",
         ]
         lines += [f"| {swap} | " + " | ".join(f"×{e.word_use[t][swap]:.2f}" for t in tasks) + " |" for swap in SWAPS]
+    if e.binding:
+        tasks = list(e.binding)
+        lines += [
+            "",
+            f"Whether it ties words to the right object: its error with an attribute exchanged between the two "
+            f"objects over the error with the true caption, {e.counts.get('probe_clips', 0)} held-out two-object "
+            f"clips (1.00: the caption is read as a bag of words)",
+            "",
+            "| exchanged | " + " | ".join(tasks) + " |",
+            "|---" * (len(tasks) + 1) + "|",
+        ]
+        lines += [f"| {x} | " + " | ".join(f"×{e.binding[t][x]:.2f}" for t in tasks) + " |" for x in EXCHANGES]
     lines += ["", f"{'all targets met' if e.passed else 'targets not met'} ({e.seconds:.0f} s)"]
     return "\n".join(lines)
 
