@@ -9,8 +9,8 @@ the more it relies on it. A DiT that reads a motion's axis but not its direction
 along the right line, backwards half the time (docs/nano.md has the shipped weights' table).
 
 :func:`binding` asks the same of two-object clips, where every word can be read and still be bound to
-the wrong object: "a red circle rises and a blue square sinks" against the same caption with the two
-colours (shapes, motions) exchanged. The words are the same, so a DiT that reads the caption as a bag
+the wrong object: "a red circle moves up and a blue square moves down" against the same caption with the
+two colours (shapes, motions) exchanged. The words are the same, so a DiT that reads the caption as a bag
 of words scores 1.00; only one that ties each colour to its own object scores more.
 """
 
