@@ -163,31 +163,33 @@ def format_table(e: NanoEvaluation) -> str:
         f"VAE reconstruction PSNR on {e.counts['vae_clips']} held-out clips: {e.psnr:.2f} dB "
         f"(target ≥ {PSNR_TARGET:.0f} dB: {psnr_ok}); on as many images: {e.psnr_image:.2f} dB",
     ]
-    if e.word_use:
-        tasks = list(e.word_use)
-        lines += [
-            "",
-            f"Which words the DiT reads: its error with one word swapped over the error with the true caption, "
-            f"{e.counts.get('probe_clips', 0)} held-out one-object moving clips (1.00: the word is ignored)",
-            "",
-            "| word swapped | " + " | ".join(tasks) + " |",
-            "|---" * (len(tasks) + 1) + "|",
-        ]
-        lines += [f"| {swap} | " + " | ".join(f"×{e.word_use[t][swap]:.2f}" for t in tasks) + " |" for swap in SWAPS]
-    if e.binding:
-        tasks = list(e.binding)
-        lines += [
-            "",
-            f"Whether it ties words to the right object: its error with an attribute exchanged between the two "
-            f"objects over the error with the true caption, {e.counts.get('probe_clips', 0)} held-out two-object "
-            f"clips (1.00: the caption is read as a bag of words)",
-            "",
-            "| exchanged | " + " | ".join(tasks) + " |",
-            "|---" * (len(tasks) + 1) + "|",
-        ]
-        lines += [f"| {x} | " + " | ".join(f"×{e.binding[t][x]:.2f}" for t in tasks) + " |" for x in EXCHANGES]
+    clips = e.counts.get("probe_clips", 0)
+    lines += _ratio_table(
+        "Which words the DiT reads: its error with one word swapped over the error with the true caption, "
+        f"{clips} held-out one-object moving clips (1.00: the word is ignored)",
+        "word swapped",
+        e.word_use,
+        SWAPS,
+    )
+    lines += _ratio_table(
+        "Whether it ties words to the right object: its error with an attribute exchanged between the two "
+        f"objects over the error with the true caption, {clips} held-out two-object clips (1.00: the caption "
+        "is read as a bag of words)",
+        "exchanged",
+        e.binding,
+        EXCHANGES,
+    )
     lines += ["", f"{'all targets met' if e.passed else 'targets not met'} ({e.seconds:.0f} s)"]
     return "\n".join(lines)
+
+
+def _ratio_table(title: str, header: str, ratios: dict[str, dict[str, float]], rows: tuple[str, ...]) -> list[str]:
+    """A probe's error ratios (task → row → ratio) as a Markdown table under ``title``; nothing when not run."""
+    if not ratios:
+        return []
+    tasks = list(ratios)
+    lines = ["", title, "", f"| {header} | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    return lines + [f"| {row} | " + " | ".join(f"×{ratios[t][row]:.2f}" for t in tasks) + " |" for row in rows]
 
 
 def _attribute_rows(columns: list[dict[str, float]]) -> list[tuple[str, list[str]]]:
